@@ -1,0 +1,20 @@
+"""Shared test setup: the repo root on sys.path and the offline data in ../shared."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+# GPT-2 BPE files come from tiktoken's cache in ../shared: tests never touch the network.
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "data" / "tiktoken"))
+
+
+@pytest.fixture(scope="session")
+def shakespeare_input() -> Path:
+    path = SHARED / "data" / "tinyshakespeare" / "input.txt"
+    assert path.exists(), f"{path} is missing: tests need ../shared beside the repo"
+    return path
