@@ -1,0 +1,281 @@
+"""The GPT: a decoder-only transformer in Equinox, readable top to bottom.
+
+Pre-norm blocks without biases; RMSNorm (Zhang & Sennrich 2019) instead of LayerNorm; rotary
+position embeddings (Su et al. 2021) instead of learned positions; QK-norm (Dehghani et al. 2023)
+to keep attention logits bounded at high learning rates. Parameters are stored in float32; the
+forward pass casts them once to the compute dtype (bfloat16 by default) and keeps the numerically
+delicate parts (norm statistics, softmax, logits, loss) in float32.
+
+Modules act on ONE sequence, as in the Equinox examples; batch with `jax.vmap` (see `loss_fn`).
+The blocks are created with `eqx.filter_vmap` (every block parameter has a leading n_layer axis)
+and run with `jax.lax.scan`, so one block is compiled whatever the depth.
+"""
+
+import dataclasses
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the model is trained on
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # on embeddings, attention output and MLP output
+    qk_norm: bool = True  # RMSNorm over head_dim on q and k before RoPE
+    tie_embeddings: bool = True  # lm_head is the token embedding (one array, as in GPT-2)
+    rope_base: float = 10000.0
+    attention: str = "auto"  # "xla", "cudnn" (flash attention on NVIDIA GPUs) or "auto"
+    remat: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+    compute_dtype: str = "bfloat16"  # "bfloat16" or "float32"; parameters stay float32
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size"
+            )
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"attention={self.attention!r}: use 'auto', 'xla' or 'cudnn'")
+        if self.compute_dtype not in ("bfloat16", "float32", "float16"):
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}: use 'bfloat16' or 'float32'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
+    """Inverted dropout; the identity when key is None (inference) or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jr.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def split_key(key: PRNGKeyArray | None, n: int) -> list[PRNGKeyArray | None]:
+    return [None] * n if key is None else list(jr.split(key, n))
+
+
+class RMSNorm(eqx.Module):
+    weight: Float[Array, " dim"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.weight = jnp.ones(dim, jnp.float32)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*shape dim"]) -> Float[Array, "*shape dim"]:
+        x32 = x.astype(jnp.float32)  # statistics in float32 even under bf16 compute
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight.astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(eqx.Module):
+    """y = x @ weight, no bias; weight stored (in, out) so no transpose is needed."""
+
+    weight: Float[Array, "d_in d_out"]
+
+    def __init__(self, d_in: int, d_out: int, std: float, *, key: PRNGKeyArray):
+        self.weight = std * jr.normal(key, (d_in, d_out), jnp.float32)
+
+    def __call__(self, x: Float[Array, "*shape d_in"]) -> Float[Array, "*shape d_out"]:
+        return x @ self.weight
+
+
+def rope_table(positions: Int[Array, " seq"], head_dim: int, base: float):
+    """cos and sin, each (seq, head_dim), for the rotate-half convention. Built once per forward."""
+    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (seq, head_dim/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)  # (seq, head_dim)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Float[Array, "seq head head_dim"], cos, sin) -> Float[Array, "seq head head_dim"]:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half(x)
+    out = x.astype(jnp.float32) * cos[:, None, :] + rotated.astype(jnp.float32) * sin[:, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_implementation(config: GPTConfig, dtype) -> str:
+    if config.attention != "auto":
+        return config.attention
+    # cuDNN's fused (flash) attention needs an NVIDIA GPU and a 16-bit dtype.
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+class Attention(eqx.Module):
+    qkv: Linear
+    proj: Linear
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
+    config: GPTConfig = eqx.field(static=True)
+
+    def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
+        k_qkv, k_proj = jr.split(key)
+        d = config.n_embd
+        self.qkv = Linear(d, 3 * d, 0.02, key=k_qkv)
+        # GPT-2: residual output projections scaled by 1/sqrt(2 * n_layer) (two per block)
+        self.proj = Linear(d, d, 0.02 / math.sqrt(2 * config.n_layer), key=k_proj)
+        self.q_norm = RMSNorm(config.head_dim) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim) if config.qk_norm else None
+        self.config = config
+
+    def qkv_heads(self, x: Float[Array, "seq d"], cos, sin):
+        """q, k, v as (seq, head, head_dim), with QK-norm and RoPE applied to q and k."""
+        seq = x.shape[0]
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        q, k, v = (t.reshape(seq, self.config.n_head, self.config.head_dim) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x: Float[Array, "seq d"], cos, sin) -> Float[Array, "seq d"]:
+        q, k, v = self.qkv_heads(x, cos, sin)
+        # Softmax statistics are float32 inside both implementations.
+        impl = attention_implementation(self.config, x.dtype)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        return self.proj(y.reshape(x.shape))
+
+
+class MLP(eqx.Module):
+    fc: Linear
+    proj: Linear
+
+    def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
+        k_fc, k_proj = jr.split(key)
+        d = config.n_embd
+        self.fc = Linear(d, 4 * d, 0.02, key=k_fc)
+        self.proj = Linear(4 * d, d, 0.02 / math.sqrt(2 * config.n_layer), key=k_proj)
+
+    def __call__(self, x: Float[Array, "seq d"]) -> Float[Array, "seq d"]:
+        return self.proj(jax.nn.gelu(self.fc(x)))
+
+
+class Block(eqx.Module):
+    attn_norm: RMSNorm
+    attn: Attention
+    mlp_norm: RMSNorm
+    mlp: MLP
+    dropout: float = eqx.field(static=True)
+
+    def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
+        k_attn, k_mlp = jr.split(key)
+        self.attn_norm = RMSNorm(config.n_embd)
+        self.attn = Attention(config, key=k_attn)
+        self.mlp_norm = RMSNorm(config.n_embd)
+        self.mlp = MLP(config, key=k_mlp)
+        self.dropout = config.dropout
+
+    def __call__(self, x: Float[Array, "seq d"], cos, sin, *, key=None) -> Float[Array, "seq d"]:
+        k_attn, k_mlp = split_key(key, 2)
+        x = x + dropout(self.attn(self.attn_norm(x), cos, sin), self.dropout, k_attn)
+        x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, k_mlp)
+        return x
+
+
+def cast_floats(tree, dtype):
+    """Casts every floating-point array in a pytree (the model's one cast to compute dtype)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
+
+
+class GPT(eqx.Module):
+    embed: Float[Array, "vocab d"]
+    blocks: Block  # a stack: every array has a leading n_layer axis
+    final_norm: RMSNorm
+    lm_head: Float[Array, "d vocab"] | None  # None when tied to embed
+    config: GPTConfig = eqx.field(static=True)
+
+    def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
+        k_embed, k_blocks, k_head = jr.split(key, 3)
+        self.embed = 0.02 * jr.normal(k_embed, (config.vocab_size, config.n_embd), jnp.float32)
+        make_block = lambda k: Block(config, key=k)  # noqa: E731
+        self.blocks = eqx.filter_vmap(make_block)(jr.split(k_blocks, config.n_layer))
+        self.final_norm = RMSNorm(config.n_embd)
+        if config.tie_embeddings:
+            self.lm_head = None
+        else:
+            shape = (config.n_embd, config.vocab_size)
+            self.lm_head = 0.02 * jr.normal(k_head, shape, jnp.float32)
+        self.config = config
+
+    def __call__(
+        self, tokens: Int[Array, " seq"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq vocab"]:
+        """Float32 next-token logits for one sequence. key=None: inference (no dropout)."""
+        positions = jnp.arange(tokens.shape[0])
+        x = self.hidden(tokens, positions, key=key)
+        return self.logits(x)
+
+    def hidden(self, tokens, positions, *, key=None) -> Float[Array, "seq d"]:
+        """Runs embedding and all blocks; returns the final-normed hidden states."""
+        config = self.config
+        model = cast_floats(self, jnp.dtype(config.compute_dtype))
+        k_embed, k_blocks = split_key(key, 2)
+        x = dropout(model.embed[tokens], config.dropout, k_embed)
+        cos, sin = rope_table(positions, config.head_dim, config.rope_base)
+
+        block_params, block_static = eqx.partition(model.blocks, eqx.is_array)
+        layer_keys = None if k_blocks is None else jr.split(k_blocks, config.n_layer)
+
+        def run_block(x, params_and_key):
+            params, layer_key = params_and_key
+            block = eqx.combine(params, block_static)
+            return block(x, cos, sin, key=layer_key), None
+
+        if config.remat:
+            run_block = jax.checkpoint(run_block)
+        x, _ = jax.lax.scan(run_block, x, (block_params, layer_keys))
+        return model.final_norm(x)
+
+    def logits(self, x: Float[Array, "seq d"]) -> Float[Array, "seq vocab"]:
+        head = self.embed.T if self.lm_head is None else self.lm_head
+        head = head.astype(x.dtype)
+        # Low-precision inputs, float32 accumulation and output: the loss sees float32 logits.
+        return jnp.matmul(x, head, preferred_element_type=jnp.float32)
+
+
+def loss_fn(
+    model: GPT,
+    tokens: Int[Array, "batch seq"],
+    targets: Int[Array, "batch seq"],
+    *,
+    key: PRNGKeyArray | None = None,
+) -> Float[Array, ""]:
+    """Mean next-token cross entropy over a batch, in float32."""
+    if key is None:
+        logits = jax.vmap(lambda t: model(t))(tokens)
+    else:
+        logits = jax.vmap(lambda t, k: model(t, key=k))(tokens, jr.split(key, tokens.shape[0]))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def num_params(model: GPT, non_embedding: bool = False) -> int:
+    """Parameter count (works on abstract models from eqx.filter_eval_shape too)."""
+    is_param = lambda x: isinstance(x, (jax.Array, jax.ShapeDtypeStruct))  # noqa: E731
+    total = sum(math.prod(a.shape) for a in jax.tree.leaves(model) if is_param(a))
+    if non_embedding:
+        total -= math.prod(model.embed.shape)
+    return total
+
+
+def flops_per_token(config: GPTConfig) -> int:
+    """Training FLOPs per token, 6N + 12·L·d·T (PaLM, appendix B).
+
+    N counts every weight a token is multiplied by: the non-embedding parameters plus the lm_head
+    (the embedding lookup itself is free). 12·L·d·T is attention's QK^T and AV, forward+backward.
+    """
+    abstract = eqx.filter_eval_shape(GPT, config, key=jr.key(0))
+    n = num_params(abstract, non_embedding=True)
+    if config.tie_embeddings:
+        n += config.n_embd * config.vocab_size  # the tied head still does a matmul
+    return 6 * n + 12 * config.n_layer * config.n_embd * config.block_size

@@ -1,0 +1,217 @@
+"""The model: shapes, causality, RoPE, switches, the scan, precision, counts, learning."""
+
+import dataclasses
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+
+from model import GPT, GPTConfig, apply_rope, flops_per_token, loss_fn, num_params, rope_table
+
+# Small shapes keep the suite fast on 2 CPU cores; float32 compute for exact comparisons.
+TINY = GPTConfig(
+    block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=64, compute_dtype="float32"
+)
+
+
+# Jitted entry points: op-by-op dispatch is several times slower than one compile on CPU.
+forward = eqx.filter_jit(lambda model, tokens, key=None: model(tokens, key=key))
+value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn))
+
+
+def tiny(**changes) -> GPTConfig:
+    return dataclasses.replace(TINY, **changes)
+
+
+def random_tokens(key, shape, vocab=TINY.vocab_size):
+    return jr.randint(key, shape, 0, vocab)
+
+
+def test_output_shape_and_dtype_in_both_compute_dtypes():
+    tokens = random_tokens(jr.key(1), (TINY.block_size,))
+    for dtype in ("float32", "bfloat16"):
+        model = GPT(tiny(compute_dtype=dtype), key=jr.key(0))
+        logits = forward(model, tokens)
+        assert logits.shape == (TINY.block_size, TINY.vocab_size)
+        assert logits.dtype == jnp.float32
+        # parameters stay float32 whatever the compute dtype
+        assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
+def test_loss_at_init_is_close_to_uniform():
+    # Logits at init have std 0.02*sqrt(n_embd), which adds ~std^2/2 nats over ln(vocab):
+    # 0.077 at the shakespeare_char width used here, so within the 0.1 asked for.
+    config = tiny(n_embd=384, n_head=6, block_size=64)
+    model = GPT(config, key=jr.key(0))
+    tokens = random_tokens(jr.key(1), (8, config.block_size))
+    targets = random_tokens(jr.key(2), (8, config.block_size))
+    loss = loss_fn(model, tokens, targets)
+    assert loss.dtype == jnp.float32
+    assert abs(float(loss) - math.log(config.vocab_size)) < 0.1
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    model = GPT(TINY, key=jr.key(0))
+    tokens = random_tokens(jr.key(1), (TINY.block_size,))
+    t = 11
+    changed = tokens.at[t + 1 :].set((tokens[t + 1 :] + 7) % TINY.vocab_size)
+    before, after = forward(model, tokens), forward(model, changed)
+    np.testing.assert_allclose(before[: t + 1], after[: t + 1], atol=1e-6, rtol=0)
+    assert not np.allclose(before[t + 1 :], after[t + 1 :], atol=1e-3)  # the test can fail
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    head_dim, shift = 16, 37
+    q = jr.normal(jr.key(0), (1, 1, head_dim))
+    k = jr.normal(jr.key(1), (1, 1, head_dim))
+
+    def score(q_pos, k_pos):
+        q_rot = apply_rope(q, *rope_table(jnp.array([q_pos]), head_dim, 10000.0))
+        k_rot = apply_rope(k, *rope_table(jnp.array([k_pos]), head_dim, 10000.0))
+        return float(jnp.sum(q_rot * k_rot))
+
+    np.testing.assert_allclose(score(5, 2), score(5 + shift, 2 + shift), rtol=1e-5)
+    np.testing.assert_allclose(score(9, 9), score(9 + shift, 9 + shift), rtol=1e-5)
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3  # the position does matter
+
+
+def test_qk_norm_switch_changes_parameters_and_output():
+    tokens = random_tokens(jr.key(1), (TINY.block_size,))
+    with_norm = GPT(tiny(qk_norm=True), key=jr.key(0))
+    without = GPT(tiny(qk_norm=False), key=jr.key(0))
+    assert without.blocks.attn.q_norm is None
+    assert with_norm.blocks.attn.q_norm.weight.shape == (TINY.n_layer, TINY.head_dim)
+    assert num_params(with_norm) - num_params(without) == 2 * TINY.n_layer * TINY.head_dim
+    assert not np.allclose(forward(with_norm, tokens), forward(without, tokens), atol=1e-3)
+
+
+def test_tied_embeddings_are_one_array_and_untied_are_two():
+    tied = GPT(tiny(tie_embeddings=True), key=jr.key(0))
+    untied = GPT(tiny(tie_embeddings=False), key=jr.key(0))
+    assert tied.lm_head is None  # nothing that could drift apart from embed
+    assert untied.lm_head.shape == (TINY.n_embd, TINY.vocab_size)
+    assert num_params(untied) - num_params(tied) == TINY.vocab_size * TINY.n_embd
+    # In the tied model the embedding gets gradient through both of its uses.
+    tokens = jnp.zeros((1, 8), jnp.int32)  # only row 0 is looked up
+    targets = jnp.full((1, 8), 5)
+    _, grads = value_and_grad(tied, tokens, targets)
+    assert float(jnp.abs(grads.embed[5]).sum()) > 0  # through the head only
+    assert float(jnp.abs(grads.embed[0]).sum()) > 0  # through the lookup (and the head)
+
+
+def test_scan_over_blocks_equals_a_python_loop():
+    model = GPT(TINY, key=jr.key(0))
+    tokens = random_tokens(jr.key(1), (TINY.block_size,))
+    cos, sin = rope_table(jnp.arange(TINY.block_size), TINY.head_dim, TINY.rope_base)
+    x = model.embed[tokens]
+    params, static = eqx.partition(model.blocks, eqx.is_array)
+    for layer in range(TINY.n_layer):
+        block = eqx.combine(jax.tree.map(lambda a: a[layer], params), static)
+        x = block(x, cos, sin)
+    looped = model.logits(model.final_norm(x))
+    np.testing.assert_allclose(forward(model, tokens), looped, atol=1e-5, rtol=1e-5)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    tokens = random_tokens(jr.key(1), (2, TINY.block_size))
+    targets = random_tokens(jr.key(2), (2, TINY.block_size))
+    plain = GPT(tiny(remat=False), key=jr.key(0))
+    remat = GPT(tiny(remat=True), key=jr.key(0))
+    loss_a, grads_a = value_and_grad(plain, tokens, targets)
+    loss_b, grads_b = value_and_grad(remat, tokens, targets)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_trace_size_does_not_grow_with_depth():
+    # One compiled block whatever n_layer: the traced program has the same number of equations.
+    def equation_count(n_layer):
+        model = GPT(tiny(n_layer=n_layer), key=jr.key(0))
+        tokens = jnp.zeros((TINY.block_size,), jnp.int32)
+        return len(jax.make_jaxpr(lambda m, t: m(t))(model, tokens).eqns)
+
+    assert equation_count(2) == equation_count(12)
+
+
+def test_bf16_forward_is_close_to_float32():
+    tokens = random_tokens(jr.key(1), (TINY.block_size,))
+    f32 = GPT(tiny(compute_dtype="float32"), key=jr.key(0))
+    bf16 = GPT(tiny(compute_dtype="bfloat16"), key=jr.key(0))  # the same float32 parameters
+    exact, approx = forward(f32, tokens), forward(bf16, tokens)
+    relative_error = float(jnp.linalg.norm(approx - exact) / jnp.linalg.norm(exact))
+    assert 0 < relative_error < 2e-2  # > 0: the bf16 path really ran in lower precision
+
+
+def test_dropout_is_keyed_and_off_without_a_key():
+    model = GPT(tiny(dropout=0.2), key=jr.key(0))
+    tokens = random_tokens(jr.key(1), (TINY.block_size,))
+    train_a = forward(model, tokens, key=jr.key(3))
+    np.testing.assert_array_equal(forward(model, tokens), forward(model, tokens))
+    np.testing.assert_array_equal(train_a, forward(model, tokens, key=jr.key(3)))
+    assert not np.allclose(train_a, forward(model, tokens), atol=1e-3)
+    assert not np.allclose(train_a, forward(model, tokens, key=jr.key(4)), atol=1e-3)
+
+
+def test_gpt2_small_parameter_count_and_flops_match_closed_form():
+    config = GPTConfig()  # GPT-2 124M shapes, vocab 50304, tied, QK-norm on
+    V, d, L, T, hd = 50304, 768, 12, 1024, 64
+    per_block = 12 * d * d + 2 * d + 2 * hd  # qkv, proj, fc, mlp proj; two norms; q/k norms
+    non_embedding = L * per_block + d  # + final norm
+    model = eqx.filter_eval_shape(GPT, config, key=jr.key(0))
+    assert num_params(model) == V * d + non_embedding
+    assert num_params(model, non_embedding=True) == non_embedding
+    assert flops_per_token(config) == 6 * (non_embedding + V * d) + 12 * L * d * T
+
+
+def test_124m_forward_runs_on_cpu():
+    config = GPTConfig()
+    model = GPT(config, key=jr.key(0))
+    tokens = random_tokens(jr.key(1), (64,), config.vocab_size)
+    logits = jax.jit(lambda m, t: m(t))(model, tokens)
+    assert logits.shape == (64, config.vocab_size)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_gradients_are_finite_and_nonzero_for_every_parameter():
+    for config in (tiny(), tiny(tie_embeddings=False, dropout=0.1)):
+        model = GPT(config, key=jr.key(0))
+        tokens = random_tokens(jr.key(1), (4, TINY.block_size))
+        targets = random_tokens(jr.key(2), (4, TINY.block_size))
+        _, grads = value_and_grad(model, tokens, targets, key=jr.key(3))
+        for path, g in jax.tree_util.tree_leaves_with_path(eqx.filter(grads, eqx.is_array)):
+            name = jax.tree_util.keystr(path)
+            assert bool(jnp.all(jnp.isfinite(g))), name
+            assert float(jnp.abs(g).max()) > 0, name
+
+
+def test_tiny_model_overfits_one_batch():
+    model = GPT(tiny(compute_dtype="bfloat16"), key=jr.key(0))
+    tokens = random_tokens(jr.key(1), (4, TINY.block_size))
+    targets = random_tokens(jr.key(2), (4, TINY.block_size))
+    optimizer = optax.adam(3e-3)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state):
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(model, tokens, targets)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    for _ in range(300):
+        model, opt_state, loss = step(model, opt_state)
+    assert float(loss) < 0.1
+
+
+BAD_CONFIGS = [dict(n_embd=65), dict(attention="flash"), dict(compute_dtype="fp8")]
+
+
+@pytest.mark.parametrize("bad", BAD_CONFIGS)
+def test_bad_config_is_refused(bad):
+    with pytest.raises(ValueError):
+        tiny(**bad)
