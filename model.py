@@ -26,13 +26,13 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 class GPTConfig:
     block_size: int = 1024  # longest sequence the model is trained on
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads; head_dim = n_embd / n_head
+    n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # on embeddings, attention output and MLP output
     qk_norm: bool = True  # RMSNorm over head_dim on q and k before RoPE
     tie_embeddings: bool = True  # lm_head is the token embedding (one array, as in GPT-2)
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # RoPE wavelength base (RoFormer)
     attention: str = "auto"  # "xla", "cudnn" (flash attention on NVIDIA GPUs) or "auto"
     remat: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     compute_dtype: str = "bfloat16"  # "bfloat16" or "float32"; parameters stay float32

@@ -1,0 +1,22 @@
+# A laptop-sized character model on Tiny Shakespeare: trains on a CPU in minutes.
+# Prepare: python prepare_shakespeare.py
+# Result: see BENCHMARKS.md ("shakespeare_char_cpu").
+from model import GPTConfig
+from train import TrainConfig
+
+config = TrainConfig(
+    data_dir="data/shakespeare_char",
+    model=GPTConfig(
+        block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
+        compute_dtype="float32",  # CPUs have no fast bf16 matmul: float32 is quicker here
+    ),
+    batch_size=12,
+    learning_rate=1e-3,
+    min_lr=1e-4,
+    warmup_steps=100,
+    max_steps=2000,
+    beta2=0.99,  # few tokens per step: a longer second-moment memory smooths the noise
+    eval_interval=250,
+    eval_iters=20,
+    log_interval=50,
+)

@@ -1,0 +1,156 @@
+"""The command line: pick a config, override any field, train (or resume) in a run directory.
+
+    python launch.py --config=shakespeare_char
+    python launch.py --config=shakespeare_char --max_steps=200 --model.n_layer=4
+    python launch.py --rundir=runs/shakespeare_char-20261122-101500      # resume
+    python launch.py --config=shakespeare_char --help                     # every field, its default
+
+A config is a Python file in configs/ (or any path to one) that defines `config = TrainConfig(...)`.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import inspect
+import re
+import sys
+from pathlib import Path
+
+from data import UserError, run_cli
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def load_config(name: str):
+    from train import TrainConfig
+
+    path = Path(name) if name.endswith(".py") else CONFIG_DIR / f"{name}.py"
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.py")))
+        raise UserError(f"no config file {path}: use one of {available} or a path to a .py file")
+    spec = importlib.util.spec_from_file_location(f"configs.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    config = getattr(module, "config", None)
+    if not isinstance(config, TrainConfig):
+        raise UserError(f"{path} must define `config = TrainConfig(...)`")
+    return config
+
+
+def parse_value(text: str, like, key: str):
+    """Parses text as the type of the field's current value."""
+    kind = type(like)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{key}={text}: expected {kind.__name__} (like {like!r})") from None
+
+
+def override(config, path: list[str], text: str, key: str):
+    """A copy of config (a dataclass, nested ones too) with the field at path set from text."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    name = path[0]
+    current = getattr(config, name, None)
+    if name not in fields or (len(path) > 1 and not dataclasses.is_dataclass(current)):
+        raise UserError(f"unknown config key '{key}': see --help for every field")
+    if len(path) > 1:
+        value = override(current, path[1:], text, key)
+    elif dataclasses.is_dataclass(current):
+        raise UserError(f"'{key}' is a group of settings: set one of its fields, e.g. --{key}.n_layer=4")
+    else:
+        value = parse_value(text, current, key)
+    try:
+        return dataclasses.replace(config, **{name: value})
+    except ValueError as e:  # the dataclass's own checks, e.g. heads that do not divide n_embd
+        raise UserError(f"--{key}={text}: {e}") from None
+
+
+def apply_overrides(config, overrides: list[str]):
+    for item in overrides:
+        key, sep, text = item.removeprefix("--").partition("=")
+        if not sep or not key:
+            raise UserError(f"cannot read '{item}': write overrides as --key=value")
+        config = override(config, key.split("."), text, key)
+    return config
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The comment at the end of each field's line in the dataclass source: the --help text."""
+    docs = {}
+    for line in inspect.getsource(cls).splitlines():
+        if match := re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)$", line):
+            docs[match[1]] = match[2]
+    return docs
+
+
+def describe(config, prefix: str = "") -> list[str]:
+    docs = field_docs(type(config))
+    lines = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe(value, f"{prefix}{field.name}.")
+        else:
+            doc = docs.get(field.name, "")
+            lines.append(f"  {f'--{prefix}{field.name}={value!r}':<40} {doc}".rstrip())
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False
+    )
+    parser.add_argument("--config", help="a name in configs/ or a path to a .py config file")
+    parser.add_argument("--rundir", help="run directory; an existing one is resumed "
+                        "(default: a new runs/<config>-<time>)")
+    parser.add_argument("--debug", action="store_true",
+                        help="write a profiler trace of a few steps to rundir/profile; no checkpoints")
+    parser.add_argument("--multihost", action="store_true",
+                        help="call jax.distributed.initialize(); every host runs the same command")
+    parser.add_argument("--coordinator", help="with --multihost: host:port of process 0 "
+                        "(default: detected from the cluster environment)")
+    parser.add_argument("--num_processes", type=int, help="with --multihost: number of processes")
+    parser.add_argument("--process_id", type=int, help="with --multihost: this process's index")
+    parser.add_argument("-h", "--help", action="store_true", help="show this and every config field")
+    args, overrides = parser.parse_known_args(argv)
+
+    from train import TrainConfig, read_run_config, train
+
+    if args.config:
+        config = load_config(args.config)
+    elif args.rundir and (Path(args.rundir) / "config.json").exists():
+        config = read_run_config(Path(args.rundir))  # resume with the run's own config
+    elif args.help:
+        config = TrainConfig()
+    else:
+        raise UserError("say what to train: --config=NAME (a file in configs/) or --rundir=RUN to resume")
+    config = apply_overrides(config, overrides)
+    if args.help:
+        parser.print_help()
+        print("\nconfig fields (override with --key=value):")
+        print("\n".join(describe(config)))
+        return
+
+    if args.multihost:
+        import jax
+
+        if not args.rundir:
+            raise UserError("--multihost needs --rundir: every host must write to the same place")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only clusters
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = Path(args.config).stem if args.config else "run"
+    rundir = Path(args.rundir or f"runs/{name}-{stamp}")
+    train(config, rundir, debug=args.debug)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))

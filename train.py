@@ -1,0 +1,520 @@
+"""Training: the config, the mesh and FSDP shardings, the optimizer, the step, and the loop.
+
+Read top to bottom: TrainConfig -> mesh + sharding rule -> optimizer -> train/eval step ->
+checkpoints -> `train(config, rundir)`. `launch.py` is the command line on top of `train`.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import data
+from data import UserError
+from model import GPT, GPTConfig, flops_per_token, loss_fn, num_params
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str = "data/openwebtext"  # a directory made by a prepare_*.py script
+    model: GPTConfig = GPTConfig()
+    # batch: each step sees grad_accum * batch_size * block_size tokens
+    batch_size: int = 12  # sequences per micro-batch, over all devices and hosts
+    grad_accum: int = 1  # micro-batches per step, summed with lax.scan
+    # optimizer: AdamW, warmup then cosine decay to min_lr
+    learning_rate: float = 6e-4  # peak learning rate
+    min_lr: float = 6e-5  # learning rate at the end of the cosine
+    warmup_steps: int = 2000  # linear warmup from 0
+    max_steps: int = 600000  # steps to train for
+    lr_decay_steps: int = 0  # length of warmup + cosine; 0 means max_steps
+    weight_decay: float = 0.1  # applied to matrices only
+    independent_weight_decay: bool = False  # scale decay by lr/learning_rate (Wortsman 2023)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    # devices: mesh axes ("data", "fsdp"); data * fsdp devices are used
+    data_parallel: int = 1  # size of the "data" axis (pure replication)
+    fsdp: int = -1  # size of the "fsdp" axis; -1 means all devices left
+    fsdp_min_size: int = 2**18  # arrays with fewer elements are replicated, not sharded
+    # evaluation, logging, checkpoints
+    eval_interval: int = 2000  # steps between evaluations (and checkpoints)
+    eval_iters: int = 200  # batches per evaluation, the same batches every time
+    log_interval: int = 10  # steps between console/TensorBoard lines (the only host syncs)
+    keep_checkpoints: int = 3  # latest checkpoints kept, plus the best by val loss
+    seed: int = 1337  # parameters, dropout and batch order
+    profile_steps: int = 5  # steps traced by --debug
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.grad_accum * self.batch_size * self.model.block_size
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    return TrainConfig(**{**d, "model": GPTConfig(**d["model"])})
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh and sharding
+
+
+def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
+    n_devices = jax.device_count()
+    fsdp = n_devices // config.data_parallel if config.fsdp == -1 else config.fsdp
+    used = config.data_parallel * fsdp
+    if fsdp < 1 or used > n_devices:
+        raise UserError(
+            f"data_parallel={config.data_parallel} x fsdp={config.fsdp} needs {used} devices, "
+            f"{n_devices} found: lower --data_parallel or --fsdp"
+        )
+    if config.batch_size % used:
+        raise UserError(
+            f"batch_size={config.batch_size} does not divide over {used} devices: "
+            f"use a multiple of {used}"
+        )
+    devices = jax.devices()[:used]
+    # Auto axes: XLA's partitioner places activations and collectives from the parameter and
+    # batch shardings (newer jax defaults to explicit sharding-in-types, which vmap'd code fights).
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((config.data_parallel, fsdp), ("data", "fsdp"), auto, devices=devices)
+
+
+def fsdp_rule(mesh, min_size: int):
+    """The one FSDP rule: shard a big array over "fsdp" on its largest divisible axis.
+
+    Blocks are stacked (leading n_layer axis) and scanned; sharding that axis would make every
+    layer gather the whole stack, so it is never chosen. The optimizer state has the same shapes
+    and paths as its parameter (under .mu, .nu, ...), so the same rule places it alongside.
+    """
+    n_shards = mesh.shape["fsdp"]
+
+    def sharding(path, leaf) -> NamedSharding:
+        shape = leaf.shape
+        stacked = any(getattr(key, "name", None) == "blocks" for key in path)
+        axes = [a for a in range(1 if stacked else 0, len(shape)) if shape[a] % n_shards == 0]
+        if n_shards == 1 or math.prod(shape) < min_size or not axes:
+            return NamedSharding(mesh, P())
+        axis = max(axes, key=lambda a: shape[a])
+        return NamedSharding(mesh, P(*[("fsdp" if a == axis else None) for a in range(len(shape))]))
+
+    return lambda tree: jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    # (grad_accum, batch, seq): the batch rows are split over every device.
+    return NamedSharding(mesh, P(None, ("data", "fsdp"), None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def weight_decay_labels(params):
+    """'decay' for matrices (ndim >= 2 in the unstacked model), 'no_decay' for norm gains."""
+
+    def label(path, leaf):
+        stacked = any(getattr(key, "name", None) == "blocks" for key in path)
+        return "decay" if leaf.ndim - stacked >= 2 else "no_decay"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def lr_schedule(config: TrainConfig) -> optax.Schedule:
+    decay_steps = config.lr_decay_steps or config.max_steps
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(decay_steps, config.warmup_steps + 1),
+        end_value=config.min_lr,
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """clip -> Adam -> decoupled weight decay on matrices -> scale by the scheduled lr."""
+    # The decay is multiplied by lr(t) below. Independent decay (Wortsman et al. 2023, "Small-scale
+    # proxies") wants weight_decay * lr(t)/learning_rate instead, i.e. a constant divided by lr_max.
+    decay = config.weight_decay
+    if config.independent_weight_decay:
+        decay = config.weight_decay / config.learning_rate
+    adam = optax.scale_by_adam(b1=config.beta1, b2=config.beta2)
+    by_label = optax.multi_transform(
+        {"decay": optax.chain(adam, optax.add_decayed_weights(decay)), "no_decay": adam},
+        weight_decay_labels,  # a function of the params (a GPT is itself callable: no tree here)
+    )
+    clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, by_label, optax.scale_by_learning_rate(lr_schedule(config)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and optimizer state, created or restored already sharded
+
+
+def abstract_state(config: TrainConfig, mesh):
+    """Shapes, dtypes and shardings of (params, opt_state), plus the model's static part."""
+    abstract_model = eqx.filter_eval_shape(GPT, config.model, key=jr.key(0))
+    is_shape = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
+    params, static = eqx.partition(abstract_model, is_shape)
+    optimizer = make_optimizer(config)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    shard = fsdp_rule(mesh, config.fsdp_min_size)
+    attach = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shard(tree)
+    )
+    return attach(params), attach(opt_state), static, optimizer
+
+
+def init_state(config: TrainConfig, abstract_params, abstract_opt, optimizer):
+    """Initialises every parameter directly into its shard: no device ever holds the whole model."""
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    make_params = lambda key: eqx.filter(GPT(config.model, key=key), eqx.is_array)  # noqa: E731
+    params = jax.jit(make_params, out_shardings=shardings(abstract_params))(jr.key(config.seed))
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings(abstract_opt))(params)
+    return params, opt_state
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def make_train_step(config: TrainConfig, optimizer, abstract_params):
+    schedule = lr_schedule(config)
+    param_shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+
+    @eqx.filter_jit(donate="all")
+    def train_step(model, opt_state, tokens, targets, step, key_data):
+        """One optimizer step over grad_accum micro-batches; metrics stay on device."""
+        params = eqx.filter(model, eqx.is_array)
+        key = jr.fold_in(jr.wrap_key_data(key_data), step)  # dropout: a function of (seed, step)
+
+        def accumulate(grad_sum, micro_batch):
+            x, y, micro_key = micro_batch
+            loss, grads = eqx.filter_value_and_grad(loss_fn)(model, x, y, key=micro_key)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        micro_keys = jr.split(key, config.grad_accum)
+        grad_sum, losses = jax.lax.scan(accumulate, zeros, (tokens, targets, micro_keys))
+        grads = jax.tree.map(lambda g: g / config.grad_accum, grad_sum)
+        # Gradients land sharded like their parameters (a reduce-scatter, not an all-reduce).
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        model = eqx.apply_updates(model, updates)
+        metrics = {"loss": losses.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        return model, opt_state, metrics
+
+    return train_step
+
+
+@eqx.filter_jit
+def eval_step(model, tokens, targets):
+    return loss_fn(model, tokens[0], targets[0])
+
+
+def evaluate(model, samplers: dict, config: TrainConfig, to_global) -> dict[str, float]:
+    """Mean loss over the same eval_iters batches of each split every time: comparable over a run."""
+    losses = {}
+    for split, sampler in samplers.items():
+        batch_losses = [eval_step(model, *map(to_global, sampler.batch(i)))
+                        for i in range(config.eval_iters)]
+        losses[split] = float(jnp.mean(jnp.stack(batch_losses)))
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory: config.json, orbax checkpoints, TensorBoard events, log.txt
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_run_config(rundir: Path) -> TrainConfig:
+    path = Path(rundir) / "config.json"
+    if not path.exists():
+        raise UserError(f"{rundir} is not a run directory (no config.json): check --rundir")
+    try:
+        return config_from_dict(json.loads(path.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a valid eqxgpt config ({e}): check --rundir") from None
+
+
+def check_rundir(config: TrainConfig, rundir: Path) -> None:
+    """Refuses a run directory made by a different model before anything is written into it."""
+    if not (rundir / "config.json").exists():
+        if (rundir / "checkpoints").exists():
+            raise UserError(f"{rundir} has checkpoints but no config.json: use a new --rundir")
+        return
+    previous = read_run_config(rundir)
+    if previous.model != config.model:
+        changed = [f.name for f in dataclasses.fields(GPTConfig)
+                   if getattr(previous.model, f.name) != getattr(config.model, f.name)]
+        raise UserError(f"{rundir} holds a run of a different model (model.{', model.'.join(changed)} "
+                        "differ): use a new --rundir or the original config")
+
+
+def checkpoint_manager(rundir: Path, config: TrainConfig) -> ocp.CheckpointManager:
+    policies = ocp.checkpoint_managers
+    keep = policies.AnyPreservationPolicy([
+        policies.LatestN(n=config.keep_checkpoints),
+        # BestN keeps the last n after sorting; reverse=True sorts descending: the lowest loss
+        policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(preservation_policy=keep, enable_async_checkpointing=True)
+    return ocp.CheckpointManager((rundir / "checkpoints").absolute(), options=options)
+
+
+def save_checkpoint(manager, step, params, opt_state, run_state: dict, val_loss=None):
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+        run_state=ocp.args.JsonSave(run_state),
+    )
+    # Orbax writes into a temporary directory and renames it when complete: a crash mid-save
+    # leaves the previous checkpoints as they were and no half-written one that loads.
+    manager.save(step, args=args, metrics=None if val_loss is None else {"val_loss": val_loss})
+
+
+def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
+    """(params, opt_state or None, run_state) at step, each array placed on its own shard."""
+    state = {"params": abstract_params}
+    if abstract_opt is not None:
+        state["opt_state"] = abstract_opt
+    items = {"state": ocp.args.StandardRestore(state), "run_state": ocp.args.JsonRestore()}
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many kinds; all mean the same to the user
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"checkpoint {step} in {manager.directory} cannot be read ({reason}): "
+                        "delete that step's directory to fall back to an earlier one") from None
+    return restored.state["params"], restored.state.get("opt_state"), restored.run_state
+
+
+def choose_step(manager, which: str) -> int:
+    """'latest', 'best' (lowest val loss) or a step number, among the checkpoints on disk."""
+    steps = manager.all_steps()
+    if not steps:
+        raise UserError(f"no checkpoints in {manager.directory}: train first")
+    if which == "latest":
+        return max(steps)
+    if which == "best":
+        scored = [(m["val_loss"], s) for s in steps if (m := manager.metrics(s))]
+        if not scored:
+            raise UserError("no checkpoint has a val loss yet: use --checkpoint=latest")
+        return min(scored)[1]
+    if not which.isdigit() or int(which) not in steps:
+        raise UserError(f"--checkpoint={which}: use latest, best or one of {sorted(steps)}")
+    return int(which)
+
+
+def load_model(rundir, which: str = "latest") -> tuple[TrainConfig, GPT]:
+    """The trained model of a run (parameters only, no optimizer state) on the devices present."""
+    rundir = Path(rundir)
+    config = read_run_config(rundir)
+    config = dataclasses.replace(config, data_parallel=1, fsdp=-1, batch_size=jax.device_count())
+    abstract_params, _, static, _ = abstract_state(config, make_mesh(config))
+    manager = ocp.CheckpointManager((rundir / "checkpoints").absolute())
+    params, _, _ = restore_checkpoint(manager, choose_step(manager, which), abstract_params)
+    return config, eqx.combine(params, static)
+
+
+# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPUs) report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops_per_device() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in PEAK_FLOPS.items() if name in kind), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]:
+    """Reads the metrics held on device (the loop's only host sync) and stops on a NaN/inf loss."""
+    rows = [(step, jax.device_get(metrics)) for step, metrics in pending]
+    for step, metrics in rows:
+        if not math.isfinite(float(metrics["loss"])):
+            kept = f"the last good checkpoint (step {last_good}) is kept" if last_good else \
+                "no checkpoint was written"
+            raise UserError(f"loss is {float(metrics['loss'])} at step {step + 1}; {kept}: "
+                            "lower --learning_rate or raise --warmup_steps")
+    pending.clear()
+    return rows
+
+
+def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
+    """Trains (or resumes) the run in rundir; returns the final model."""
+    rundir = Path(rundir)
+    is_main = jax.process_index() == 0
+    meta = data.load_meta(config.data_dir)
+    if config.model.vocab_size < meta["vocab_size"]:
+        raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the data's "
+                        f"vocabulary ({meta['vocab_size']}): raise --model.vocab_size")
+    mesh = make_mesh(config)
+    check_rundir(config, rundir)
+
+    def sampler(split, seed, grad_accum):
+        tokens = data.open_split(config.data_dir, split, meta)
+        return data.BatchSampler(tokens, config.model.block_size, config.batch_size, grad_accum,
+                                 seed, jax.process_index(), jax.process_count())
+
+    train_batches = sampler("train", config.seed, config.grad_accum)
+    eval_batches = {"train": sampler("train", config.seed + 1, 1),
+                    "val": sampler("val", config.seed + 2, 1)}
+    sharding = batch_sharding(mesh)
+
+    def to_global(local):  # this process's rows -> one array over all devices of all hosts
+        global_shape = (local.shape[0], config.batch_size, local.shape[2])
+        return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+    abstract_params, abstract_opt, static, optimizer = abstract_state(config, mesh)
+    manager = None if debug else checkpoint_manager(rundir, config)
+    key_data = np.asarray(jr.key_data(jr.key(config.seed)))
+    start = 0
+    if manager is not None and manager.latest_step() is not None:
+        start = manager.latest_step()
+        params, opt_state, run_state = restore_checkpoint(manager, start, abstract_params, abstract_opt)
+        train_batches.load_state_dict(run_state["sampler"])
+        key_data = np.asarray(run_state["key"], np.uint32)
+    else:
+        params, opt_state = init_state(config, abstract_params, abstract_opt, optimizer)
+    model = eqx.combine(params, static)
+    train_step = make_train_step(config, optimizer, abstract_params)
+
+    writer = None
+    if is_main:
+        rundir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(rundir / "config.json", {
+            "config": config_to_dict(config), "git_commit": git_commit(),
+            "data": {"dir": config.data_dir, "train_sha256": meta.get("train_sha256"),
+                     "val_sha256": meta.get("val_sha256")},
+        })
+        from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+
+        writer = SummaryWriter(str(rundir))
+        writer.add_text("config", "```\n" + json.dumps(config_to_dict(config), indent=2) + "\n```")
+    log_file = open(rundir / "log.txt", "a") if is_main else None
+
+    def log(line: str):
+        if is_main:
+            print(line, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    n_params = num_params(model, non_embedding=True)
+    peak = peak_flops_per_device()
+    flops_per_step = flops_per_token(config.model) * config.tokens_per_step
+    log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
+        f"{n_params / 1e6:.2f}M non-embedding params | mesh {dict(mesh.shape)} on "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices | "
+        f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
+
+    pending, last_saved = [], (start or None)
+    step_timer, timed_from = time.perf_counter(), start
+    profiling = debug and jax.profiler.start_trace(str(rundir / "profile")) is None
+    batches = train_batches.prefetch()
+    step = start
+    try:
+        while step < config.max_steps:
+            tokens, targets = next(batches)
+            model, opt_state, metrics = train_step(
+                model, opt_state, to_global(tokens), to_global(targets), np.int32(step), key_data
+            )
+            pending.append((step, metrics))
+            step += 1
+            if step == start + 1:  # exclude compilation from the step times
+                jax.block_until_ready(metrics)
+                log(f"step {step}: compiled and ran in {time.perf_counter() - step_timer:.1f}s")
+                step_timer, timed_from = time.perf_counter(), step
+            if profiling and step >= start + 1 + config.profile_steps:
+                jax.block_until_ready(model)
+                jax.profiler.stop_trace()
+                profiling = False
+                log(f"profile of steps {start + 2}-{step} written to {rundir / 'profile'}")
+
+            if step % config.log_interval == 0 or step == config.max_steps:
+                rows = check_finite(pending, last_saved)
+                elapsed = time.perf_counter() - step_timer
+                if step > timed_from and rows:
+                    seconds = elapsed / (step - timed_from)
+                    last = rows[-1][1]
+                    tokens_per_s = config.tokens_per_step / seconds
+                    mfu = flops_per_step / seconds / (peak * jax.device_count()) if peak else None
+                    log(f"step {step} | loss {float(last['loss']):.4f} | lr {float(last['lr']):.2e} | "
+                        f"grad norm {float(last['grad_norm']):.3f} | {seconds * 1e3:.1f} ms/step | "
+                        f"{tokens_per_s:,.0f} tok/s | MFU {'%.1f%%' % (100 * mfu) if mfu else 'n/a'}")
+                    if writer is not None:
+                        for name, value in [("train/loss", last["loss"]), ("lr", last["lr"]),
+                                            ("grad_norm", last["grad_norm"]),
+                                            ("perf/ms_per_step", seconds * 1e3),
+                                            ("perf/tokens_per_s", tokens_per_s)]:
+                            writer.add_scalar(name, float(value), step)
+                        if mfu:
+                            writer.add_scalar("perf/mfu", mfu, step)
+                step_timer, timed_from = time.perf_counter(), step
+
+            if step % config.eval_interval == 0 or step == config.max_steps:
+                check_finite(pending, last_saved)
+                eval_start = time.perf_counter()
+                losses = evaluate(model, eval_batches, config, to_global)
+                log(f"step {step} | eval: train {losses['train']:.4f} | val {losses['val']:.4f}")
+                if writer is not None:
+                    writer.add_scalar("eval/train_loss", losses["train"], step)
+                    writer.add_scalar("eval/val_loss", losses["val"], step)
+                if manager is not None:
+                    run_state = {"step": step, "sampler": train_batches.state_dict(),
+                                 "key": key_data.tolist(), "val_loss": losses["val"]}
+                    save_checkpoint(manager, step, eqx.filter(model, eqx.is_array), opt_state,
+                                    run_state, val_loss=losses["val"])
+                    last_saved = step
+                step_timer += time.perf_counter() - eval_start  # evaluation is not step time
+    except KeyboardInterrupt:
+        # Stopping by hand keeps the work: save where we are, then stop (rerun to resume).
+        if manager is not None and step != last_saved:
+            check_finite(pending, last_saved)
+            run_state = {"step": step, "sampler": train_batches.state_dict(),
+                         "key": key_data.tolist()}
+            save_checkpoint(manager, step, eqx.filter(model, eqx.is_array), opt_state, run_state)
+            log(f"interrupted: checkpoint saved at step {step}; rerun with --rundir={rundir} to resume")
+        raise
+    finally:
+        batches.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+        if writer is not None:
+            writer.close()
+        if log_file is not None:
+            log_file.close()
+    if start >= config.max_steps:
+        log(f"nothing to do: the checkpoint is at step {start}, max_steps is {config.max_steps}")
+    return model
