@@ -6,6 +6,7 @@ checkpoints -> `train(config, rundir)`. `launch.py` is the command line on top o
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import subprocess
@@ -25,6 +26,10 @@ from jax.sharding import PartitionSpec as P
 import data
 from data import UserError
 from model import GPT, GPTConfig, flops_per_token, loss_fn, num_params
+
+# Orbax logs through absl, also for files it cannot parse; those failures reach the user as one
+# UserError line (restore_checkpoint), so its own log lines would only repeat them.
+logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +221,7 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params):
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         model = eqx.apply_updates(model, updates)
-        metrics = {"loss": losses.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        metrics = {"loss": losses.mean(), "grad_norm": optax.tree_utils.tree_norm(grads), "lr": schedule(step)}
         return model, opt_state, metrics
 
     return train_step
@@ -293,8 +298,10 @@ def checkpoint_manager(rundir: Path, config: TrainConfig) -> ocp.CheckpointManag
 
 
 def save_checkpoint(manager, step, params, opt_state, run_state: dict, val_loss=None):
+    # Separate items, so sampling can restore the parameters without the optimizer state.
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
         run_state=ocp.args.JsonSave(run_state),
     )
     # Orbax writes into a temporary directory and renames it when complete: a crash mid-save
@@ -304,17 +311,18 @@ def save_checkpoint(manager, step, params, opt_state, run_state: dict, val_loss=
 
 def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
     """(params, opt_state or None, run_state) at step, each array placed on its own shard."""
-    state = {"params": abstract_params}
+    items = {"params": ocp.args.StandardRestore(abstract_params),
+             "run_state": ocp.args.JsonRestore()}
     if abstract_opt is not None:
-        state["opt_state"] = abstract_opt
-    items = {"state": ocp.args.StandardRestore(state), "run_state": ocp.args.JsonRestore()}
+        items["opt_state"] = ocp.args.StandardRestore(abstract_opt)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many kinds; all mean the same to the user
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"checkpoint {step} in {manager.directory} cannot be read ({reason}): "
                         "delete that step's directory to fall back to an earlier one") from None
-    return restored.state["params"], restored.state.get("opt_state"), restored.run_state
+    opt_state = restored.opt_state if abstract_opt is not None else None
+    return restored.params, opt_state, restored.run_state
 
 
 def choose_step(manager, which: str) -> int:
@@ -359,14 +367,16 @@ def peak_flops_per_device() -> float | None:
 
 
 def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]:
-    """Reads the metrics held on device (the loop's only host sync) and stops on a NaN/inf loss."""
+    """Reads the metrics held on device (the loop's only host sync); stops on NaN/inf."""
     rows = [(step, jax.device_get(metrics)) for step, metrics in pending]
     for step, metrics in rows:
-        if not math.isfinite(float(metrics["loss"])):
-            kept = f"the last good checkpoint (step {last_good}) is kept" if last_good else \
-                "no checkpoint was written"
-            raise UserError(f"loss is {float(metrics['loss'])} at step {step + 1}; {kept}: "
-                            "lower --learning_rate or raise --warmup_steps")
+        for name in ("loss", "grad_norm"):
+            if math.isfinite(float(metrics[name])):
+                continue
+            kept = (f"the last good checkpoint (step {last_good}) is kept" if last_good
+                    else "no checkpoint was written")
+            raise UserError(f"{name.replace('_', ' ')} is {float(metrics[name])} at step {step + 1}; "
+                            f"{kept}: lower --learning_rate or raise --warmup_steps")
     pending.clear()
     return rows
 

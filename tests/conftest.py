@@ -18,3 +18,7 @@ def shakespeare_input() -> Path:
     path = SHARED / "data" / "tinyshakespeare" / "input.txt"
     assert path.exists(), f"{path} is missing: tests need ../shared beside the repo"
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of the scripts (seconds each)")

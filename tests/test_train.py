@@ -1,0 +1,327 @@
+"""Training: the launch command end to end, resume, sharding, multi-host, optimizer, bad input.
+
+The end-to-end tests run real (tiny) trainings on Tiny Shakespeare from ../shared; they are
+marked `slow` (about a minute together on 2 cores). Fake devices need XLA_FLAGS set before jax
+is imported, so the multi-device and multi-host checks run in subprocesses.
+"""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import launch
+import train
+from model import GPT, GPTConfig, loss_fn
+
+REPO = Path(__file__).resolve().parents[1]
+# Small enough to compile and run in seconds; float32 so runs on different meshes agree closely.
+TINY_OVERRIDES = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=4",
+                  "--model.block_size=32", "--batch_size=8", "--eval_iters=2", "--log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, shakespeare_input) -> str:
+    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    run([REPO / "prepare_shakespeare.py", "--input", shakespeare_input, "--out_dir", out], check=True)
+    return str(out)
+
+
+def run(args, env=None, check=False) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def launch_run(data_dir, rundir, *overrides, check=True, env=None):
+    args = [REPO / "launch.py", "--config=shakespeare_char_cpu", f"--data_dir={data_dir}",
+            f"--rundir={rundir}", *TINY_OVERRIDES, *overrides]
+    return run(args, env=env, check=check)
+
+
+def tiny_config(data_dir, **changes) -> train.TrainConfig:
+    config = launch.apply_overrides(launch.load_config("shakespeare_char_cpu"),
+                                    [f"--data_dir={data_dir}", *TINY_OVERRIDES])
+    return dataclasses.replace(config, **changes)
+
+
+def params_of(model) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
+
+
+def scalars(rundir) -> dict[str, dict[int, float]]:
+    """Every scalar in the run's TensorBoard event files, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(rundir))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process: optimizer, accumulation, compile count
+
+
+def test_weight_decay_labels_pick_exactly_the_matrices():
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32,
+                          tie_embeddings=False), key=jr.key(0))
+    labels = train.weight_decay_labels(eqx.filter(model, eqx.is_array))
+    decay = {jax.tree_util.keystr(p) for p, label in
+             jax.tree_util.tree_leaves_with_path(labels) if label == "decay"}
+    assert decay == {".embed", ".lm_head", ".blocks.attn.qkv.weight", ".blocks.attn.proj.weight",
+                     ".blocks.mlp.fc.weight", ".blocks.mlp.proj.weight"}
+    n_leaves = len(jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    assert n_leaves == len(decay) + 5  # the no_decay ones: 4 norm gains per block + final norm
+
+
+def test_weight_decay_shrinks_only_matrices(data_dir):
+    # With zero gradients AdamW's update is the decay alone: matrices shrink, norm gains do not.
+    config = tiny_config(data_dir, weight_decay=0.5, warmup_steps=0, learning_rate=0.1)
+    mesh = train.make_mesh(config)
+    abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
+    params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zeros, opt_state, params)
+    assert float(jnp.abs(updates.blocks.attn.qkv.weight).max()) > 0
+    assert float(jnp.abs(updates.blocks.attn_norm.weight).max()) == 0
+
+
+def test_grad_accumulation_4x16_equals_one_batch_of_64(data_dir):
+    def one_step(batch_size, grad_accum, tokens, targets):
+        config = tiny_config(data_dir, batch_size=batch_size, grad_accum=grad_accum)
+        mesh = train.make_mesh(config)
+        abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
+        params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
+        step = train.make_train_step(config, optimizer, abstract_params)
+        shape = (grad_accum, batch_size, tokens.shape[-1])
+        model, _, metrics = step(eqx.combine(params, static), opt_state, tokens.reshape(shape),
+                                 targets.reshape(shape), np.int32(5), np.zeros(2, np.uint32))
+        return model, metrics
+
+    rng = np.random.default_rng(0)
+    tokens, targets = rng.integers(0, 65, (2, 64, 32), dtype=np.int32)
+    whole, whole_metrics = one_step(64, 1, tokens, targets)
+    accumulated, accumulated_metrics = one_step(16, 4, tokens, targets)
+    np.testing.assert_allclose(whole_metrics["loss"], accumulated_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(whole_metrics["grad_norm"], accumulated_metrics["grad_norm"], rtol=1e-5)
+    for a, b in zip(params_of(whole), params_of(accumulated)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_whole_run_compiles_the_train_step_once(data_dir, tmp_path, caplog):
+    config = tiny_config(data_dir, max_steps=12, eval_interval=5, log_interval=3)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        train.train(config, tmp_path / "run")
+    compiles = [r.message for r in caplog.records if r.message.startswith("Compiling jit(")]
+    assert sum("jit(train_step)" in m for m in compiles) == 1, compiles
+    assert sum("jit(eval_step)" in m for m in compiles) == 1, compiles  # evals reuse one too
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through launch.py
+
+
+@pytest.mark.slow
+def test_launch_writes_checkpoints_events_and_config(data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    result = launch_run(data_dir, rundir, "--max_steps=20", "--eval_interval=10")
+    assert "step 20 | eval" in result.stdout
+
+    saved = json.loads((rundir / "config.json").read_text())
+    assert saved["config"]["max_steps"] == 20 and saved["config"]["model"]["n_layer"] == 2
+    assert saved["data"]["train_sha256"] and saved["git_commit"]
+    steps = sorted(int(p.name) for p in (rundir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [10, 20]
+
+    logged = scalars(rundir)
+    assert sorted(logged["train/loss"]) == list(range(2, 21))  # step 1 holds the compile time
+    assert set(logged["eval/val_loss"]) == {10, 20}
+    assert logged["train/loss"][20] < logged["train/loss"][2]  # it learns
+    assert all(0 < lr <= 1e-3 for lr in logged["lr"].values())
+    assert (rundir / "log.txt").read_text().count("eval:") == 2
+
+
+@pytest.mark.slow
+def test_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+    schedule = ["--lr_decay_steps=8", "--eval_interval=4", "--model.dropout=0.1"]
+    launch_run(data_dir, tmp_path / "straight", "--max_steps=8", *schedule)
+    launch_run(data_dir, tmp_path / "resumed", "--max_steps=4", *schedule)
+    result = launch_run(data_dir, tmp_path / "resumed", "--max_steps=8", *schedule)
+    assert "resuming at step 4" in result.stdout
+
+    _, straight = train.load_model(tmp_path / "straight")
+    _, resumed = train.load_model(tmp_path / "resumed")
+    for a, b in zip(params_of(straight), params_of(resumed)):
+        np.testing.assert_array_equal(a, b)  # bitwise: same batches, same dropout keys
+    losses = scalars(tmp_path / "resumed")["train/loss"]
+    assert {s: losses[s] for s in range(6, 9)} == \
+        {s: scalars(tmp_path / "straight")["train/loss"][s] for s in range(6, 9)}
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    launch_run(data_dir, rundir, "--max_steps=4", "--eval_interval=4")
+    before = sorted(os.listdir(rundir / "checkpoints"))
+    result = launch_run(data_dir, rundir, "--max_steps=30", "--eval_interval=4",
+                        "--learning_rate=1e30", "--warmup_steps=0", "--grad_clip=0", check=False)
+    assert_one_line_error(result, " is nan", "at step", "checkpoint (step 4) is kept")
+    assert sorted(os.listdir(rundir / "checkpoints")) == before
+    train.load_model(rundir)  # the kept checkpoint still loads
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing lost
+
+
+@pytest.mark.slow
+def test_bad_inputs_give_one_line_and_exit_2(data_dir, tmp_path):
+    launch_py = REPO / "launch.py"
+    assert_one_line_error(run([launch_py, "--config=nope"]), "no config file", "shakespeare_char")
+    assert_one_line_error(launch_run(data_dir, tmp_path / "a", "--no_such_key=1", check=False),
+                          "no_such_key")
+    assert_one_line_error(launch_run(data_dir, tmp_path / "a", "--max_steps=ten", check=False),
+                          "max_steps", "int")
+    assert_one_line_error(launch_run(data_dir, tmp_path / "a", "--model.n_head=5", check=False),
+                          "n_head")
+    missing = tmp_path / "nowhere" / "shakespeare_char"
+    assert_one_line_error(launch_run(missing, tmp_path / "a", check=False),
+                          "prepare_shakespeare.py")
+    assert_one_line_error(launch_run(data_dir, tmp_path / "a", "--model.block_size=2000000",
+                                     check=False), "block_size")
+    assert_one_line_error(launch_run(data_dir, tmp_path / "a", "--model.vocab_size=10",
+                                     check=False), "vocab_size")
+    assert not (tmp_path / "a").exists()  # nothing was written for refused runs
+
+
+@pytest.mark.slow
+def test_batch_that_does_not_divide_over_devices_is_refused(data_dir, tmp_path):
+    result = launch_run(data_dir, tmp_path / "run", "--batch_size=6", check=False,
+                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert_one_line_error(result, "batch_size=6", "4 devices")
+
+
+@pytest.mark.slow
+def test_other_model_in_rundir_and_corrupt_checkpoint_are_refused_and_kept(data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    launch_run(data_dir, rundir, "--max_steps=2", "--eval_interval=2")
+    snapshot = {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()}
+
+    result = launch_run(data_dir, rundir, "--max_steps=4", "--model.n_layer=3", check=False)
+    assert_one_line_error(result, "different model", "n_layer")
+    assert {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()} == snapshot
+
+    for path in (rundir / "checkpoints" / "2").rglob("*"):  # scribble over every array file
+        if path.is_file() and path.suffix not in (".json",) and path.stat().st_size > 0:
+            path.write_bytes(b"\0garbage" * 4)
+    corrupted = {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()}
+    result = launch_run(data_dir, rundir, "--max_steps=4", check=False)
+    assert_one_line_error(result, "cannot be read")
+    assert {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()} == corrupted
+
+
+# ---------------------------------------------------------------------------------------------
+# Many devices, many hosts (subprocesses with fake CPU devices)
+
+
+SHARDED_RUNS = """
+import dataclasses, sys, numpy as np, jax, equinox as eqx
+sys.path.insert(0, {repo!r})
+import launch, train
+base = launch.apply_overrides(launch.load_config("shakespeare_char_cpu"), {overrides!r})
+base = dataclasses.replace(base, max_steps=3, eval_interval=3, fsdp_min_size=1024)
+results = {{}}
+for data_parallel, fsdp in [(1, 1), (2, 4), (1, 8)]:
+    config = dataclasses.replace(base, data_parallel=data_parallel, fsdp=fsdp)
+    model = train.train(config, f"{tmp}/run_{{data_parallel}}x{{fsdp}}")
+    qkv = model.blocks.attn.qkv.weight  # (layers, 64, 192): 12,288 elements per layer
+    shard = qkv.addressable_shards[0].data
+    assert shard.size * fsdp == qkv.size, (shard.shape, qkv.shape)
+    assert len(qkv.sharding.device_set) == data_parallel * fsdp
+    results[(data_parallel, fsdp)] = [np.asarray(a) for a in
+                                      jax.tree.leaves(eqx.filter(model, eqx.is_array))]
+for mesh, params in results.items():
+    for a, b in zip(results[(1, 1)], params):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=str(mesh))
+print("SHARDED RUNS MATCH")
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_and_data_parallel_runs_match_one_device(data_dir, tmp_path):
+    overrides = [f"--data_dir={data_dir}", *TINY_OVERRIDES]
+    script = SHARDED_RUNS.format(repo=str(REPO), overrides=overrides, tmp=str(tmp_path))
+    result = run(["-c", script], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert "SHARDED RUNS MATCH" in result.stdout, result.stdout + result.stderr
+    # the losses logged along the way agree too
+    reference = scalars(tmp_path / "run_1x1")["train/loss"]
+    for mesh in ("2x4", "1x8"):
+        logged = scalars(tmp_path / f"run_{mesh}")["train/loss"]
+        for step, value in logged.items():
+            assert abs(value - reference[step]) < 1e-5, (mesh, step)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(data_dir, tmp_path):
+    steps = ["--max_steps=3", "--eval_interval=3"]
+    launch_run(data_dir, tmp_path / "single", *steps)
+
+    coordinator = f"127.0.0.1:{free_port()}"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # 2 hosts x 2 devices
+    hosts = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "launch.py"), "--config=shakespeare_char_cpu",
+             f"--data_dir={data_dir}", f"--rundir={tmp_path / 'multi'}", *TINY_OVERRIDES, *steps,
+             "--multihost", f"--coordinator={coordinator}", "--num_processes=2",
+             f"--process_id={i}"],
+            cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        for i in range(2)
+    ]
+    outputs = [host.communicate(timeout=600) for host in hosts]
+    for host, (out, err) in zip(hosts, outputs):
+        assert host.returncode == 0, out + err
+    assert "4 cpu devices" in outputs[0][0]
+    assert "step" not in outputs[1][0]  # only process 0 logs (gloo prints its own lines)
+
+    _, single = train.load_model(tmp_path / "single")
+    _, multi = train.load_model(tmp_path / "multi")
+    for a, b in zip(params_of(single), params_of(multi)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_help_lists_every_field_with_its_default():
+    result = run([REPO / "launch.py", "--config=shakespeare_char", "--help"], check=True)
+    for field in ("--max_steps=5000", "--model.n_layer=6", "--model.dropout=0.2",
+                  "--learning_rate=0.001", "--fsdp=-1"):
+        assert field in result.stdout, field
+    assert "peak learning rate" in result.stdout  # the field's comment is its help
