@@ -279,3 +279,164 @@ def flops_per_token(config: GPTConfig) -> int:
     if config.tie_embeddings:
         n += config.n_embd * config.vocab_size  # the tied head still does a matmul
     return 6 * n + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+# ---- Decoding with a KV cache
+#
+# Sampling reruns nothing: the prompt goes through the model once (prefill), filling a cache with
+# every layer's keys and values, then each new token is one query against that cache. The cache
+# has room for block_size tokens, the longest context the model was trained on. Positions (for
+# RoPE and the mask) count from the cache's first slot, so a cache always equals a fresh forward
+# over exactly the tokens it holds; `generate` relies on that when it restarts a full cache.
+
+
+class KVCache(eqx.Module):
+    """Keys and values of the first `length` tokens of a sequence, for every layer."""
+
+    k: Float[Array, "layer block_size head head_dim"]  # in the compute dtype
+    v: Float[Array, "layer block_size head head_dim"]
+    length: Int[Array, ""]  # slots [0, length) are filled; the rest are never attended to
+
+
+def empty_cache(config: GPTConfig) -> KVCache:
+    shape = (config.n_layer, config.block_size, config.n_head, config.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(config.compute_dtype))
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
+def extend(
+    model: GPT, tokens: Int[Array, " seq"], cache: KVCache
+) -> tuple[Float[Array, "seq vocab"], KVCache]:
+    """Runs `tokens` as the continuation of the cached ones: their float32 logits and the cache
+    with their keys and values appended. Prefill is extend(model, prompt, empty_cache(config));
+    a decode step is extend(model, token[None], cache). The caller keeps
+    cache.length + seq <= block_size (a full cache would silently overwrite its last slots)."""
+    config = model.config
+    model = cast_floats(model, jnp.dtype(config.compute_dtype))  # a no-op if already cast
+    positions = cache.length + jnp.arange(tokens.shape[0])
+    cos, sin = rope_table(positions, config.head_dim, config.rope_base)
+    # Query i sees slots 0..length+i: the cached tokens, the new ones up to itself, never the
+    # stale or empty slots after them.
+    mask = jnp.arange(config.block_size)[None, :] <= positions[:, None]  # (seq, block_size)
+    block_params, block_static = eqx.partition(model.blocks, eqx.is_array)
+
+    def run_block(x, layer):  # Block.__call__ with the attention's keys and values cached
+        params, k_cache, v_cache = layer
+        block = eqx.combine(params, block_static)
+        q, k, v = block.attn.qkv_heads(block.attn_norm(x), cos, sin)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, cache.length, axis=0)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, cache.length, axis=0)
+        # The XLA path: cuDNN's fused kernel is for causal training shapes, not a masked cache.
+        y = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask, implementation="xla")
+        x = x + block.attn.proj(y.reshape(x.shape))
+        x = x + block.mlp(block.mlp_norm(x))
+        return x, (k_cache, v_cache)
+
+    x, (k, v) = jax.lax.scan(run_block, model.embed[tokens], (block_params, cache.k, cache.v))
+    logits = model.logits(model.final_norm(x))
+    return logits, KVCache(k, v, cache.length + tokens.shape[0])
+
+
+def top_k_filter(logits: Float[Array, " vocab"], k: int) -> Float[Array, " vocab"]:
+    """-inf below the k-th largest logit (ties with it are kept); k=0 turns it off."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][-1]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: Float[Array, " vocab"], p: float) -> Float[Array, " vocab"]:
+    """Nucleus filtering (Holtzman et al. 2019): keeps the smallest set of most likely tokens whose
+    probability mass reaches p, and always the most likely one; p=1 turns it off."""
+    if p >= 1.0:
+        return logits
+    probs = jax.nn.softmax(logits.astype(jnp.float32))
+    order = jnp.argsort(-probs)
+    sorted_probs = probs[order]
+    mass_before = jnp.cumsum(sorted_probs) - sorted_probs  # of the more likely tokens
+    keep_sorted = (mass_before < p).at[0].set(True)  # a token is needed while p is not reached
+    keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def sample_token(
+    logits: Float[Array, " vocab"], key: PRNGKeyArray, temperature: float, top_k: int, top_p: float
+) -> Int[Array, ""]:
+    """One token id from next-token logits; temperature 0 is greedy (argmax). All in float32."""
+    logits = logits.astype(jnp.float32)
+    if temperature == 0.0:
+        return jnp.argmax(logits).astype(jnp.int32)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    return jr.categorical(key, logits).astype(jnp.int32)
+
+
+def generate(
+    model: GPT,
+    prompt: Int[Array, " prompt"],
+    key: PRNGKeyArray,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    vocab_limit: int | None = None,
+    return_logits: bool = False,
+):
+    """max_new_tokens tokens continuing one prompt (vmap over keys for several samples).
+
+    The prompt is cut to its last block_size tokens and prefilled; then one token per step, in a
+    lax.scan. When the cache is full, it is rebuilt by a prefill of the most recent block_size//2
+    tokens (positions restart at 0), so the model never sees more context than it was trained
+    on. vocab_limit: ids >= it are never sampled (the padding of a rounded-up vocab_size).
+    return_logits: also return, for each new token, the float32 logits it was sampled from.
+    """
+    config = model.config
+    block = config.block_size
+    keep = max(block // 2, 1)  # tokens kept when a full cache is rebuilt
+    model = cast_floats(model, jnp.dtype(config.compute_dtype))  # once, not once per token
+    prompt = prompt[-block:].astype(jnp.int32)
+    vocab = jnp.arange(config.vocab_size)
+    allowed = None if vocab_limit is None else vocab < vocab_limit
+
+    def next_logits(logits):
+        return logits[-1] if allowed is None else jnp.where(allowed, logits[-1], -jnp.inf)
+
+    logits, cache = extend(model, prompt, empty_cache(config))
+    window = jnp.zeros(block, jnp.int32).at[: prompt.shape[0]].set(prompt)  # tokens in the cache
+
+    def step(carry, step_key):
+        logits, cache, window = carry
+        token = sample_token(logits, step_key, temperature, top_k, top_p)
+
+        def append(cache, window):
+            window = jax.lax.dynamic_update_slice(window, token[None], (cache.length,))
+            new_logits, cache = extend(model, token[None], cache)
+            return next_logits(new_logits), cache, window
+
+        def rebuild(cache, window):
+            recent = jnp.concatenate([window[block - keep + 1 :], token[None]])  # keep tokens
+            new_logits, cache = extend(model, recent, empty_cache(config))
+            return next_logits(new_logits), cache, jnp.zeros_like(window).at[:keep].set(recent)
+
+        # The cache length depends only on the step, never on the sample, so under vmap this
+        # stays a real branch (not both sides computed and one selected).
+        carry = jax.lax.cond(cache.length < block, append, rebuild, cache, window)
+        return carry, (token, logits) if return_logits else token
+
+    carry = (next_logits(logits), cache, window)
+    _, out = jax.lax.scan(step, carry, jr.split(key, max_new_tokens))
+    return out
+
+
+def with_config(model: GPT, config: GPTConfig) -> GPT:
+    """The same parameters under a new config of the same shapes, e.g. another compute_dtype.
+
+    The config is a static field (in Attention too), so eqx.tree_at cannot change it: build an
+    abstract GPT of the new config and put the arrays into it.
+    """
+    abstract = eqx.filter_eval_shape(GPT, config, key=jr.key(0))
+    new_leaves, treedef = jax.tree.flatten(abstract)
+    leaves = jax.tree.leaves(model)
+    if [a.shape for a in new_leaves] != [a.shape for a in leaves]:
+        raise ValueError("with_config: the new config changes parameter shapes")
+    return jax.tree.unflatten(treedef, leaves)

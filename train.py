@@ -285,16 +285,26 @@ def check_rundir(config: TrainConfig, rundir: Path) -> None:
                         "differ): use a new --rundir or the original config")
 
 
-def checkpoint_manager(rundir: Path, config: TrainConfig) -> ocp.CheckpointManager:
-    policies = ocp.checkpoint_managers
-    keep = policies.AnyPreservationPolicy([
-        policies.LatestN(n=config.keep_checkpoints),
-        # BestN keeps the last n after sorting; reverse=True sorts descending: the lowest loss
-        policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
-                       keep_checkpoints_without_metrics=False),
-    ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=keep, enable_async_checkpointing=True)
-    return ocp.CheckpointManager((rundir / "checkpoints").absolute(), options=options)
+def checkpoint_manager(rundir: Path, keep_last: int | None = None) -> ocp.CheckpointManager:
+    """The run's checkpoints; keep_last=None opens them read-only (sampling, inspection)."""
+    options = {"create": False, "read_only": True}
+    if keep_last is not None:
+        policies = ocp.checkpoint_managers
+        keep = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep_last),
+            # BestN keeps the last n after sorting; reverse=True sorts descending: the lowest loss
+            policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                           keep_checkpoints_without_metrics=False),
+        ])
+        options = {"preservation_policy": keep, "enable_async_checkpointing": True}
+    # best_fn makes orbax store the metrics passed to save(), which BestN and "best" read back.
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["val_loss"], best_mode="min", **options)
+    directory = (rundir / "checkpoints").absolute()
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    except Exception as e:  # it reads every step's metadata: a damaged one fails here
+        raise UserError(f"the checkpoints in {directory} cannot be read ({type(e).__name__}: "
+                        f"{str(e)[:200]}): move the damaged step's directory away") from None
 
 
 def save_checkpoint(manager, step, params, opt_state, run_state: dict, val_loss=None):
@@ -348,7 +358,9 @@ def load_model(rundir, which: str = "latest") -> tuple[TrainConfig, GPT]:
     config = read_run_config(rundir)
     config = dataclasses.replace(config, data_parallel=1, fsdp=-1, batch_size=jax.device_count())
     abstract_params, _, static, _ = abstract_state(config, make_mesh(config))
-    manager = ocp.CheckpointManager((rundir / "checkpoints").absolute())
+    if not (rundir / "checkpoints").is_dir():
+        raise UserError(f"{rundir} has no checkpoints yet: train first (or check --rundir)")
+    manager = checkpoint_manager(rundir)
     params, _, _ = restore_checkpoint(manager, choose_step(manager, which), abstract_params)
     return config, eqx.combine(params, static)
 
@@ -407,7 +419,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
     abstract_params, abstract_opt, static, optimizer = abstract_state(config, mesh)
-    manager = None if debug else checkpoint_manager(rundir, config)
+    manager = None if debug else checkpoint_manager(rundir, config.keep_checkpoints)
     key_data = np.asarray(jr.key_data(jr.key(config.seed)))
     start = 0
     if manager is not None and manager.latest_step() is not None:

@@ -325,3 +325,17 @@ def test_help_lists_every_field_with_its_default():
                   "--learning_rate=0.001", "--fsdp=-1"):
         assert field in result.stdout, field
     assert "peak learning rate" in result.stdout  # the field's comment is its help
+
+
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+    manager = train.checkpoint_manager(tmp_path, keep_last=2)
+    params = {"w": jnp.ones(3)}
+    for step, val_loss in enumerate([3.0, 1.0, 4.0, 5.0, 6.0], start=1):
+        train.save_checkpoint(manager, step, params, params, {"step": step}, val_loss=val_loss)
+    manager.wait_until_finished()
+    assert sorted(manager.all_steps()) == [2, 4, 5]  # best (val 1.0) plus the last two
+    reader = train.checkpoint_manager(tmp_path)
+    assert train.choose_step(reader, "best") == 2
+    assert train.choose_step(reader, "latest") == 5
+    with pytest.raises(train.UserError, match="use latest, best or one of"):
+        train.choose_step(reader, "3")

@@ -1,0 +1,225 @@
+"""Sampling: the KV cache equals the full forward; filters, determinism; sample.py end to end."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from model import (GPT, GPTConfig, empty_cache, extend, generate, sample_token, top_k_filter,
+                   top_p_filter, with_config)
+from sample import SEPARATOR, generate_samples, sample_keys
+
+REPO = Path(__file__).resolve().parents[1]
+# float32 compute: the cached and the full forward then agree to rounding.
+TINY = GPTConfig(
+    block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=64, compute_dtype="float32"
+)
+
+forward = eqx.filter_jit(lambda model, tokens: model(tokens))
+extend_jit = eqx.filter_jit(extend)
+generate_jit = eqx.filter_jit(generate)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return GPT(TINY, key=jr.key(0))
+
+
+@pytest.fixture(scope="module")
+def small_block_model() -> GPT:
+    # Weights x4: peakier logits, so even greedy decoding of a random model does not just repeat
+    # one token (copies of one token hide decoding bugs: attention cannot count them).
+    model = GPT(dataclasses.replace(TINY, block_size=16), key=jr.key(1))
+    return jax.tree.map(lambda a: 4 * a, model)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5])
+def test_cached_decoding_equals_full_forward_at_every_position(model, prompt_len):
+    tokens = jr.randint(jr.key(2), (TINY.block_size,), 0, TINY.vocab_size)
+    expected = forward(model, tokens)
+    logits, cache = extend_jit(model, tokens[:prompt_len], empty_cache(TINY))  # prefill
+    steps = [logits]
+    for i in range(prompt_len, TINY.block_size):  # then one token at a time, to a full cache
+        logits, cache = extend_jit(model, tokens[i : i + 1], cache)
+        steps.append(logits)
+    assert int(cache.length) == TINY.block_size
+    np.testing.assert_allclose(np.concatenate(steps), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 20])  # 20 > block_size: the prompt is cut
+def test_generation_past_block_size_sees_exactly_the_cached_tokens(small_block_model, prompt_len):
+    """2.5 x block_size sampled tokens: every step's logits are those of a fresh forward over the
+    tokens the cache holds (re-prefilled from the last block_size//2 when it fills up)."""
+    model, block = small_block_model, small_block_model.config.block_size
+    new = 5 * block // 2
+    prompt = jr.randint(jr.key(3), (prompt_len,), 0, TINY.vocab_size)
+    tokens, logits = generate_jit(model, prompt, jr.key(0), new, temperature=1.0,
+                                  return_logits=True)
+    assert tokens.shape == (new,) and logits.shape == (new, TINY.vocab_size)
+
+    window, rebuilds = [int(t) for t in prompt[-block:]], 0  # the spec, in plain Python
+    for i in range(new):
+        padded = jnp.zeros(block, jnp.int32).at[: len(window)].set(jnp.asarray(window))
+        expected = forward(model, padded)[len(window) - 1]  # causal: the padding is not seen
+        np.testing.assert_allclose(logits[i], expected, atol=1e-4, rtol=0, err_msg=f"step {i}")
+        if len(window) == block:
+            window, rebuilds = window[len(window) - block // 2 + 1 :], rebuilds + 1
+        window.append(int(tokens[i]))
+    assert rebuilds >= 2 and len(set(np.asarray(tokens).tolist())) > 10
+
+
+def test_greedy_is_reproducible_and_top_k_1_is_greedy(small_block_model):
+    prompt, keys = jnp.asarray([1, 2, 3]), sample_keys(0, 2)
+    greedy = generate_samples(small_block_model, prompt, keys, 40, 0.0, 0, 1.0, None)
+    again = generate_samples(small_block_model, prompt, sample_keys(5, 2), 40, 0.0, 0, 1.0, None)
+    top1 = generate_samples(small_block_model, prompt, keys, 40, 0.8, 1, 1.0, None)
+    assert len(set(np.asarray(greedy[0]).tolist())) > 5
+    np.testing.assert_array_equal(greedy, again)
+    np.testing.assert_array_equal(greedy[0], greedy[1])
+    np.testing.assert_array_equal(top1, greedy)
+
+
+def test_same_seed_same_samples_different_seed_different_samples(small_block_model):
+    prompt = jnp.asarray([7])
+
+    def run(seed):  # vocab_limit=40, as for a padded vocab_size (GPT-2's 50257 -> 50304)
+        keys = sample_keys(seed, 3)
+        return generate_samples(small_block_model, prompt, keys, 40, 1.0, 0, 0.95, 40)
+
+    a, b, c = run(0), run(0), run(1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert len({tuple(row) for row in np.asarray(a).tolist()}) == 3  # each sample its own key
+    assert int(jnp.maximum(a.max(), c.max())) < 40  # no id past vocab_limit comes out
+    # the vmapped samples are the unbatched generate, key by key; sample i whatever num_samples
+    key = sample_keys(0, 1)[0]
+    one = generate_jit(small_block_model, prompt, key, 40, temperature=1.0, top_p=0.95,
+                       vocab_limit=40)
+    np.testing.assert_array_equal(one, a[0])
+
+
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p():
+    probs = jnp.asarray([0.10, 0.50, 0.15, 0.25])  # by likelihood: 1, 3, 2, 0
+    logits = jnp.log(probs)
+    for p, kept in [(1e-6, {1}), (0.3, {1}), (0.6, {1, 3}), (0.8, {1, 3, 2}), (0.95, {0, 1, 2, 3}),
+                    (1.0, {0, 1, 2, 3})]:
+        out = top_p_filter(logits, p)
+        assert set(np.flatnonzero(np.isfinite(out)).tolist()) == kept, p
+        idx = sorted(kept)
+        np.testing.assert_array_equal(np.asarray(out)[idx], np.asarray(logits)[idx])  # unchanged
+
+
+def test_top_k_filter():
+    logits = jnp.log(jnp.asarray([0.10, 0.50, 0.15, 0.25]))
+    assert set(np.flatnonzero(np.isfinite(top_k_filter(logits, 2))).tolist()) == {1, 3}
+    np.testing.assert_array_equal(top_k_filter(logits, 0), logits)
+
+
+def test_sampling_follows_the_filtered_distribution():
+    logits = jnp.log(jnp.asarray([0.10, 0.50, 0.15, 0.25]))
+    keys = jr.split(jr.key(0), 4000)
+    draw = jax.jit(jax.vmap(lambda k, t, p: sample_token(logits, k, t, 0, p), (0, None, None)),
+                   static_argnums=(1, 2))
+    freq = np.bincount(draw(keys, 1.0, 1.0), minlength=4) / len(keys)
+    np.testing.assert_allclose(freq, [0.10, 0.50, 0.15, 0.25], atol=0.03)
+    nucleus = np.bincount(draw(keys, 1.0, 0.6), minlength=4) / len(keys)  # only 1 and 3 left
+    np.testing.assert_allclose(nucleus, [0, 0.5 / 0.75, 0, 0.25 / 0.75], atol=0.03)
+    assert set(np.asarray(draw(keys[:50], 0.0, 1.0)).tolist()) == {1}  # temperature 0: argmax
+
+
+def test_with_config_changes_the_static_config_and_keeps_the_arrays(model):
+    bf16 = with_config(model, dataclasses.replace(TINY, compute_dtype="bfloat16"))
+    assert bf16.config.compute_dtype == "bfloat16"
+    assert bf16.blocks.attn.config.compute_dtype == "bfloat16"  # the nested copies too
+    assert all(a is b for a, b in zip(jax.tree.leaves(bf16), jax.tree.leaves(model)))
+    logits = forward(bf16, jnp.arange(8))
+    np.testing.assert_allclose(logits, forward(model, jnp.arange(8)), atol=0.05)
+    with pytest.raises(ValueError):
+        with_config(model, dataclasses.replace(TINY, n_embd=32))
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py end to end, on a run trained for a few steps
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, shakespeare_input) -> Path:
+    root = tmp_path_factory.mktemp("sample_run")
+    commands = [
+        ["prepare_shakespeare.py", "--input", str(shakespeare_input),
+         "--out_dir", str(root / "data")],
+        ["launch.py", "--config=shakespeare_char_cpu", f"--data_dir={root / 'data'}",
+         f"--rundir={root / 'run'}", "--max_steps=20", "--eval_interval=10", "--eval_iters=2",
+         "--log_interval=10", "--model.n_layer=2", "--model.n_embd=64"],
+    ]
+    for command in commands:
+        done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return root / "run"
+
+
+def run_sample(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_sample_prints_num_samples_texts(trained_run):
+    # 100 new tokens > block_size 64: the cache is rebuilt on the way
+    done = run_sample(f"--rundir={trained_run}", "--start=ROMEO:", "--num_samples=2",
+                      "--max_new_tokens=100", "--seed=3")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.count(SEPARATOR + "\n") == 2
+    samples = done.stdout.split(SEPARATOR + "\n")[:2]
+    assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 100 + 1 for s in samples)
+
+
+@pytest.mark.slow
+def test_prompt_from_file_and_checkpoint_by_step(trained_run, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("KING:\n")
+    done = run_sample(f"--rundir={trained_run}", f"--start=FILE:{prompt}", "--checkpoint=10",
+                      "--num_samples=1", "--max_new_tokens=20", "--temperature=0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("KING:\n") and done.stdout.count(SEPARATOR + "\n") == 1
+
+
+@pytest.mark.slow
+def test_best_checkpoint(trained_run):
+    done = run_sample(f"--rundir={trained_run}", "--checkpoint=best", "--num_samples=1",
+                      "--max_new_tokens=10", "--dtype=bfloat16")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count(SEPARATOR + "\n") == 1
+
+
+@pytest.mark.slow
+def test_prompt_outside_the_vocabulary_is_a_one_line_error(trained_run):
+    done = run_sample(f"--rundir={trained_run}", "--start=café")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "'é'" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_missing_data_dir_is_a_clear_error(trained_run, tmp_path):
+    # a copy of the run whose data directory has gone
+    config = json.loads((trained_run / "config.json").read_text())
+    config["config"]["data_dir"] = str(tmp_path / "gone")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    done = run_sample(f"--rundir={tmp_path / 'run'}")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert "gone does not exist" in lines[0] and "data directory" in lines[0]
