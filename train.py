@@ -482,6 +482,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 jax.profiler.stop_trace()
                 profiling = False
                 log(f"profile of steps {start + 2}-{step} written to {rundir / 'profile'}")
+                step_timer, timed_from = time.perf_counter(), step  # writing it is not step time
 
             if step % config.log_interval == 0 or step == config.max_steps:
                 rows = check_finite(pending, last_saved)

@@ -1,0 +1,359 @@
+"""The on-disk token format, the tokenizers and the batch sampler.
+
+A dataset is a directory `data/<name>/` with three files:
+  train.bin, val.bin  flat token ids, uint16 (uint32 when vocab_size > 65536), no header, so
+                      np.memmap reads them with no parsing and no copy
+  meta.json           {"tokenizer": "char"|"gpt2", "chars" (char only), "vocab_size", "dtype",
+                      "train_tokens", "val_tokens", "train_sha256", "val_sha256", "source", ...}
+meta.json is written last, so a directory that has one is complete. JSON only, never pickle.
+prepare_*.py write datasets with DatasetWriter; training reads them with load_meta, open_split
+and BatchSampler; sampling encodes prompts with load_tokenizer.
+"""
+
+import hashlib
+import json
+import os
+import queue
+import sys
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val")
+META_ORDER = ("tokenizer", "chars", "vocab_size", "dtype", "train_tokens", "val_tokens",
+              "train_sha256", "val_sha256", "source")
+IDENTITY_KEYS = ("tokenizer", "chars", "vocab_size", "dtype", "train_sha256", "val_sha256")  # not "source"
+# the command that makes each well-known dataset, so an error can say what to run
+PREPARE_COMMANDS = {
+    "shakespeare_char": "python prepare_shakespeare.py",
+    "shakespeare": "python prepare_shakespeare.py --tokenizer gpt2",
+    "openwebtext": "python prepare_openwebtext.py",
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: one line on stderr, exit code 2, no traceback."""
+
+
+def run_cli(main) -> None:
+    """Run a script's main(): a UserError becomes `error: ...` and exit 2; Ctrl-C exits 130 quietly."""
+    try:
+        main()
+    except UserError as e:
+        print("error:", " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever e holds
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def prepare_command(data_dir) -> str:
+    name = Path(data_dir).name
+    if name not in PREPARE_COMMANDS:
+        return f"python prepare_<dataset>.py --out_dir {data_dir}"
+    cmd = PREPARE_COMMANDS[name]
+    return cmd if os.path.normpath(data_dir) == os.path.join("data", name) else f"{cmd} --out_dir {data_dir}"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)  # ids are < vocab_size
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_text(path) -> str:
+    """A local UTF-8 text file; a missing file or bad bytes is a UserError that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})")
+
+
+# ---------------------------------------------------------------- writing
+
+def _read_meta(data_dir: Path, fix: str) -> dict:
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{data_dir}/meta.json is unreadable ({e}): {fix}")
+    if not isinstance(meta, dict):
+        raise UserError(f"{data_dir}/meta.json is not a JSON object: {fix}")
+    return meta
+
+
+def existing_dataset(out_dir, overwrite: bool, expect: dict | None = None) -> dict | None:
+    """The meta of the dataset in out_dir; None if there is none or overwrite is set. Refuses one
+    whose meta disagrees with `expect`, and .bin files without a meta.json (maybe not ours)."""
+    out_dir = Path(out_dir)
+    if overwrite or not out_dir.is_dir():
+        return None
+    if (out_dir / "meta.json").exists():
+        old = _read_meta(out_dir, "pass --overwrite to replace it")
+        if any(old.get(k) != v for k, v in (expect or {}).items()):
+            raise UserError(f"{out_dir} already holds a different dataset ({old.get('tokenizer')} tokens of "
+                            f"{old.get('source')}): pass --overwrite to replace it, or choose another --out_dir")
+        return old
+    if any((out_dir / f"{s}.bin").exists() for s in SPLITS):
+        raise UserError(f"{out_dir} has .bin files but no meta.json (an interrupted run?): "
+                        "pass --overwrite to replace them, or choose another --out_dir")
+    return None
+
+
+class DatasetWriter:
+    """Appends train/val tokens to hidden temp files in out_dir; commit() swaps them in.
+
+    Until commit() nothing a reader looks at changes, so an error or Ctrl-C midway leaves the old
+    dataset intact (close() deletes the temp files). Appending as tokens come lets a streaming
+    prepare script run in bounded memory.
+    """
+
+    def __init__(self, out_dir, vocab_size: int):
+        self.out_dir, self.vocab_size, self.dtype = Path(out_dir), vocab_size, token_dtype(vocab_size)
+        self.paths = {s: self.out_dir / f".{s}.bin.{os.getpid()}.tmp" for s in SPLITS}
+        self.files, self.tokens = {}, {s: 0 for s in SPLITS}
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for s in SPLITS:
+                self.files[s] = open(self.paths[s], "wb")
+        except OSError as e:
+            self.close()
+            raise UserError(f"cannot write to {self.out_dir}: {e.strerror or e}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def append(self, split: str, ids) -> None:
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids outside [0, {self.vocab_size})")  # a bug, not bad input
+        self.files[split].write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens[split] += ids.size
+
+    def move_tail(self, n: int, src: str = "train", dst: str = "val") -> None:
+        """Move the last n tokens of src to the end of dst (a streaming script's last document)."""
+        keep, f = self.tokens[src] - n, self.files[src]
+        f.flush()
+        tail = np.fromfile(self.paths[src], dtype=self.dtype, offset=keep * self.dtype.itemsize)
+        f.truncate(keep * self.dtype.itemsize)
+        f.seek(0, os.SEEK_END)
+        self.tokens[src] = keep
+        self.append(dst, tail)
+
+    def commit(self, meta_extra: dict, overwrite: bool = False) -> dict:
+        """Write meta.json and swap the new files in, unless out_dir holds a different dataset
+        (same tokenizer and hashes: rewritten identically) and overwrite is not set."""
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename that makes it visible
+            f.close()
+        meta = {**meta_extra, "vocab_size": self.vocab_size, "dtype": self.dtype.name}
+        meta |= {f"{s}_tokens": self.tokens[s] for s in SPLITS}
+        meta |= {f"{s}_sha256": sha256_file(self.paths[s]) for s in SPLITS}
+        meta = {k: meta[k] for k in META_ORDER if k in meta} | meta  # documented keys first
+        if existing_dataset(self.out_dir, overwrite, expect={k: meta.get(k) for k in IDENTITY_KEYS}):
+            print(f"{self.out_dir} already holds this exact dataset: up to date")
+        else:
+            (self.out_dir / "meta.json").unlink(missing_ok=True)  # incomplete while the .bins change
+        for s in SPLITS:
+            os.replace(self.paths[s], self.out_dir / f"{s}.bin")
+        tmp = self.out_dir / f".meta.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, self.out_dir / "meta.json")  # last: now the directory is a dataset
+        return meta
+
+    def close(self) -> None:
+        """Delete whatever commit() did not move into place."""
+        for s, f in self.files.items():
+            f.close()
+            self.paths[s].unlink(missing_ok=True)
+
+
+def write_dataset(out_dir, train_ids, val_ids, meta_extra: dict, overwrite: bool = False) -> dict:
+    """Write an in-memory dataset atomically; meta_extra has "tokenizer", "vocab_size", "source"."""
+    with DatasetWriter(out_dir, meta_extra["vocab_size"]) as w:
+        w.append("train", train_ids)
+        w.append("val", val_ids)
+        return w.commit(meta_extra, overwrite)
+
+
+# ---------------------------------------------------------------- reading
+
+def load_meta(data_dir, verify_hashes: bool = False) -> dict:
+    """The meta of a complete dataset; anything missing or inconsistent is a UserError naming
+    the command that (re)makes it."""
+    data_dir = Path(data_dir)
+    cmd = prepare_command(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir} does not exist: run `{cmd}` first")
+    if not (data_dir / "meta.json").is_file():
+        raise UserError(f"{data_dir} has no meta.json: run `{cmd}` first")
+    meta = _read_meta(data_dir, f"rerun `{cmd} --overwrite`")
+    required = ["tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens"]
+    missing = [k for k in required + ["chars"] * (meta.get("tokenizer") == "char") if k not in meta]
+    if missing:
+        raise UserError(f"{data_dir}/meta.json lacks {', '.join(missing)}: rerun `{cmd} --overwrite`")
+    for s in SPLITS:
+        path, size = data_dir / f"{s}.bin", meta[f"{s}_tokens"] * np.dtype(meta["dtype"]).itemsize
+        if not path.is_file():
+            raise UserError(f"{path} is missing: rerun `{cmd} --overwrite`")
+        if path.stat().st_size != size:
+            raise UserError(f"{path} has {path.stat().st_size} bytes but meta.json says {size} "
+                            f"(truncated, or from another dataset): rerun `{cmd} --overwrite`")
+        if verify_hashes and sha256_file(path) != meta.get(f"{s}_sha256"):
+            raise UserError(f"{path} does not match its sha256 in meta.json: rerun `{cmd} --overwrite`")
+    return meta
+
+
+def open_split(data_dir, split: str, meta: dict) -> np.ndarray:
+    """A split's tokens as a read-only memmap: the OS pages in only what batches touch."""
+    n, dtype = meta[f"{split}_tokens"], np.dtype(meta["dtype"])
+    if n == 0:
+        return np.empty(0, dtype)  # mmap can't map an empty file
+    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=dtype, mode="r", shape=(n,))
+
+
+class CharTokenizer:
+    def __init__(self, chars: str):
+        self.chars, self.vocab_size, self.stoi = chars, len(chars), {c: i for i, c in enumerate(chars)}
+
+    def encode(self, text: str) -> list[int]:
+        if missing := sorted(set(text) - self.stoi.keys()):
+            more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+            raise UserError(f"prompt has characters not in the vocabulary: {', '.join(map(repr, missing[:20]))}{more}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+class GPT2Tokenizer:
+    """tiktoken's GPT-2 BPE. encode_ordinary: "<|endoftext|>" in a text is text, not token 50256."""
+
+    def __init__(self):
+        import tiktoken  # here, so char-level runs never need it
+
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # on a cache miss tiktoken downloads; offline that fails many ways
+            raise UserError(f"cannot load the GPT-2 BPE files ({type(e).__name__}): connect to the "
+                            "network, or set TIKTOKEN_CACHE_DIR to a directory that holds them")
+        self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token  # 50257, 50256
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode([int(i) for i in ids])
+
+
+def load_tokenizer(meta: dict):
+    if meta["tokenizer"] == "char":
+        return CharTokenizer(meta["chars"])
+    if meta["tokenizer"] == "gpt2":
+        return GPT2Tokenizer()
+    raise UserError(f"unknown tokenizer {meta['tokenizer']!r} in meta.json (expected 'char' or 'gpt2')")
+
+
+# ---------------------------------------------------------------- batches
+
+class BatchSampler:
+    """Random contiguous windows of block_size+1 tokens: x = window[:-1], y = window[1:].
+
+    A batch is a pure function of (seed, step), so resuming from {"seed", "step"} is exact and a
+    prefetch thread can run ahead without sharing RNG state. batch_size is the global micro-batch;
+    process p of P keeps rows [p*B/P, (p+1)*B/P), so together the processes hold exactly the
+    one-process batch.
+    """
+
+    def __init__(self, tokens, block_size: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1):
+        if min(block_size, batch_size, grad_accum, process_count) < 1 or not 0 <= process_index < process_count:
+            raise UserError(f"bad batch settings: block_size {block_size}, batch_size {batch_size}, "
+                            f"grad_accum {grad_accum}, process {process_index} of {process_count}")
+        if batch_size % process_count:
+            raise UserError(f"batch_size {batch_size} does not divide over {process_count} processes: "
+                            f"use a multiple of {process_count}")
+        if len(tokens) < block_size + 1:
+            name = Path(tokens.filename).name if getattr(tokens, "filename", None) else "the data"
+            raise UserError(f"block_size {block_size} is larger than the data ({len(tokens)} tokens in "
+                            f"{name}): lower --model.block_size")
+        self.tokens, self.block_size, self.batch_size, self.grad_accum = tokens, block_size, batch_size, grad_accum
+        self.seed, self.step = seed, 0
+        rows = batch_size // process_count
+        self.rows = slice(process_index * rows, (process_index + 1) * rows)
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y), each (grad_accum, batch_size // process_count, block_size) int32."""
+        rng = np.random.default_rng([self.seed, step])
+        # every process draws all the starts and keeps its rows: one stream at any process count
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=(self.grad_accum, self.batch_size))
+        starts = starts[:, self.rows]
+        window = np.empty(starts.shape + (self.block_size + 1,), np.int32)
+        for i, s in np.ndenumerate(starts):
+            window[i] = self.tokens[s : s + self.block_size + 1]  # one contiguous read per row
+        return window[..., :-1], window[..., 1:]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.seed, self.step = int(d["seed"]), int(d["step"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        x, y = self.batch(self.step)
+        self.step += 1
+        return x, y
+
+    def prefetch(self, depth: int = 2):
+        """The same batches as iterating, built up to `depth` ahead by a daemon thread so the
+        accelerator never waits on disk. Taking k batches advances self.step by exactly k; don't
+        call next(self) or load_state_dict meanwhile. close() it, or drop it, to stop the thread."""
+        q, stop = queue.Queue(maxsize=depth), threading.Event()
+
+        def put(item):
+            while not stop.is_set():  # wake up now and then: a full queue must not block exit
+                try:
+                    return q.put(item, timeout=0.1)
+                except queue.Full:
+                    pass
+
+        def work(step):
+            try:
+                while not stop.is_set():
+                    put((step, self.batch(step)))
+                    step += 1
+            except Exception as e:  # re-raised in the consumer rather than lost in this thread
+                put((None, e))
+
+        def consume():
+            try:
+                while True:
+                    step, item = q.get()
+                    if step is None:
+                        raise item
+                    self.step = step + 1
+                    yield item
+            finally:
+                stop.set()
+
+        threading.Thread(target=work, args=(self.step,), daemon=True, name="BatchSampler.prefetch").start()
+        batches = consume()
+        weakref.finalize(batches, stop.set)  # also stops it when dropped unstarted, and at exit
+        return batches
