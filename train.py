@@ -208,20 +208,26 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params):
         params = eqx.filter(model, eqx.is_array)
         key = jr.fold_in(jr.wrap_key_data(key_data), step)  # dropout: a function of (seed, step)
 
+        def loss_and_grads(x, y, micro_key):
+            return eqx.filter_value_and_grad(loss_fn)(model, x, y, key=micro_key)
+
         def accumulate(grad_sum, micro_batch):
-            x, y, micro_key = micro_batch
-            loss, grads = eqx.filter_value_and_grad(loss_fn)(model, x, y, key=micro_key)
+            loss, grads = loss_and_grads(*micro_batch)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
         micro_keys = jr.split(key, config.grad_accum)
-        grad_sum, losses = jax.lax.scan(accumulate, zeros, (tokens, targets, micro_keys))
-        grads = jax.tree.map(lambda g: g / config.grad_accum, grad_sum)
+        if config.grad_accum == 1:  # no accumulator to zero, carry and copy through a loop
+            losses, grads = loss_and_grads(tokens[0], targets[0], micro_keys[0])
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grad_sum, losses = jax.lax.scan(accumulate, zeros, (tokens, targets, micro_keys))
+            grads = jax.tree.map(lambda g: g / config.grad_accum, grad_sum)
         # Gradients land sharded like their parameters (a reduce-scatter, not an all-reduce).
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         model = eqx.apply_updates(model, updates)
-        metrics = {"loss": losses.mean(), "grad_norm": optax.tree_utils.tree_norm(grads), "lr": schedule(step)}
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        metrics = {"loss": losses.mean(), "grad_norm": grad_norm, "lr": schedule(step)}
         return model, opt_state, metrics
 
     return train_step
@@ -462,7 +468,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
 
     pending, last_saved = [], (start or None)
     step_timer, timed_from = time.perf_counter(), start
-    profiling = debug and jax.profiler.start_trace(str(rundir / "profile")) is None
+    profiling = False
     batches = train_batches.prefetch()
     step = start
     try:
@@ -473,9 +479,12 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             )
             pending.append((step, metrics))
             step += 1
-            if step == start + 1:  # exclude compilation from the step times
+            if step == start + 1:  # exclude compilation from the step times (and the profile)
                 jax.block_until_ready(metrics)
                 log(f"step {step}: compiled and ran in {time.perf_counter() - step_timer:.1f}s")
+                if debug:
+                    jax.profiler.start_trace(str(rundir / "profile"))
+                    profiling = True
                 step_timer, timed_from = time.perf_counter(), step
             if profiling and step >= start + 1 + config.profile_steps:
                 jax.block_until_ready(model)

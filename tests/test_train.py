@@ -339,3 +339,13 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     assert train.choose_step(reader, "latest") == 5
     with pytest.raises(train.UserError, match="use latest, best or one of"):
         train.choose_step(reader, "3")
+
+
+@pytest.mark.slow
+def test_bench_reports_throughput(tmp_path):
+    result = run([REPO / "bench.py", "--config=shakespeare_char_cpu", "--steps=2", "--warmup=1",
+                  *TINY_OVERRIDES], check=True)
+    assert "ms/step" in result.stdout and "tokens/s" in result.stdout
+    assert "MFU n/a" in result.stdout  # a CPU has no known peak
+    assert_one_line_error(run([REPO / "bench.py", "--config=shakespeare_char_cpu", "--oops=1"]),
+                          "oops")
