@@ -1,6 +1,7 @@
 # A laptop-sized character model on Tiny Shakespeare: trains on a CPU in minutes.
 # Prepare: python prepare_shakespeare.py
-# Result: see BENCHMARKS.md ("shakespeare_char_cpu").
+# Result: val loss 1.765 at 2000 steps, 49 ms/step, 1:48 wall on a 2-core x86_64 VM
+# (nanoGPT in PyTorch, same shapes and schedule: 1.895, 41 ms/step; see BENCHMARKS.md).
 from model import GPTConfig
 from train import TrainConfig
 
