@@ -467,6 +467,14 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
 
     pending, last_saved = [], (start or None)
+
+    def flush():
+        """Reads the pending metrics (one sync), stops on NaN, logs each step to TensorBoard."""
+        rows = check_finite(pending, last_saved)
+        for row_step, row in rows if writer is not None else []:
+            for name in ("loss", "lr", "grad_norm"):
+                writer.add_scalar(f"train/{name}", float(row[name]), row_step + 1)
+        return rows
     step_timer, timed_from = time.perf_counter(), start
     profiling = False
     batches = train_batches.prefetch()
@@ -494,7 +502,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 step_timer, timed_from = time.perf_counter(), step  # writing it is not step time
 
             if step % config.log_interval == 0 or step == config.max_steps:
-                rows = check_finite(pending, last_saved)
+                rows = flush()
                 elapsed = time.perf_counter() - step_timer
                 if step > timed_from and rows:
                     seconds = elapsed / (step - timed_from)
@@ -505,17 +513,14 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                         f"grad norm {float(last['grad_norm']):.3f} | {seconds * 1e3:.1f} ms/step | "
                         f"{tokens_per_s:,.0f} tok/s | MFU {'%.1f%%' % (100 * mfu) if mfu else 'n/a'}")
                     if writer is not None:
-                        for name, value in [("train/loss", last["loss"]), ("lr", last["lr"]),
-                                            ("grad_norm", last["grad_norm"]),
-                                            ("perf/ms_per_step", seconds * 1e3),
-                                            ("perf/tokens_per_s", tokens_per_s)]:
-                            writer.add_scalar(name, float(value), step)
+                        writer.add_scalar("perf/ms_per_step", seconds * 1e3, step)
+                        writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
                         if mfu:
                             writer.add_scalar("perf/mfu", mfu, step)
                 step_timer, timed_from = time.perf_counter(), step
 
             if step % config.eval_interval == 0 or step == config.max_steps:
-                check_finite(pending, last_saved)
+                flush()
                 eval_start = time.perf_counter()
                 losses = evaluate(model, eval_batches, config, to_global)
                 log(f"step {step} | eval: train {losses['train']:.4f} | val {losses['val']:.4f}")
@@ -532,7 +537,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     except KeyboardInterrupt:
         # Stopping by hand keeps the work: save where we are, then stop (rerun to resume).
         if manager is not None and step != last_saved:
-            check_finite(pending, last_saved)
+            flush()
             run_state = {"step": step, "sampler": train_batches.state_dict(),
                          "key": key_data.tolist()}
             save_checkpoint(manager, step, eqx.filter(model, eqx.is_array), opt_state, run_state)
