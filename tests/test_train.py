@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import equinox as eqx
@@ -23,7 +22,7 @@ import pytest
 
 import launch
 import train
-from model import GPT, GPTConfig, loss_fn
+from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to compile and run in seconds; float32 so runs on different meshes agree closely.
