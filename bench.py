@@ -19,7 +19,7 @@ import numpy as np
 
 import launch
 import train
-from data import run_cli
+from data import ArgumentParser, run_cli
 from model import flops_per_token, num_params
 
 
@@ -73,7 +73,7 @@ def benchmark(config: train.TrainConfig, steps: int, warmup: int) -> dict:
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a name in configs/ or a .py path")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")

@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from data import UserError, run_cli
+from data import ArgumentParser, UserError, run_cli
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -105,7 +105,7 @@ def describe(config, prefix: str = "") -> list[str]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False
     )
     parser.add_argument("--config", help="a name in configs/ or a path to a .py config file")

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data import DatasetWriter, GPT2Tokenizer, UserError, existing_dataset, read_text, run_cli
+from data import (ArgumentParser, DatasetWriter, GPT2Tokenizer, UserError, existing_dataset,
+                  read_text, run_cli)
 
 HF_DATASET = "Skylion007/openwebtext"  # nanoGPT's "openwebtext": 8,013,769 documents
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -159,7 +160,7 @@ def in_val(index: int, seed: int, fraction: float) -> bool:
 # ---------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", help="a .txt/.jsonl/.parquet file or a directory of them (default: Hugging Face)")
     p.add_argument("--out_dir", default="data/openwebtext")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer worker processes")

@@ -13,7 +13,8 @@ import urllib.request
 
 import numpy as np
 
-from data import CharTokenizer, GPT2Tokenizer, UserError, read_text, run_cli, write_dataset
+from data import (ArgumentParser, CharTokenizer, GPT2Tokenizer, UserError, read_text, run_cli,
+                  write_dataset)
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -28,7 +29,7 @@ def download(url: str) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", help="local UTF-8 text file (default: download Tiny Shakespeare)")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default="char")
     p.add_argument("--out_dir", help="default: data/shakespeare_char (char) or data/shakespeare (gpt2)")

@@ -21,15 +21,10 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import data
-from data import UserError
+from data import ArgumentParser, UserError
 from model import GPT, GPTConfig, cast_floats, generate, sample_token, with_config
 
 SEPARATOR = "---------------"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # bad arguments are bad input like any other: one line, exit 2
-        raise UserError(f"{message} (see --help)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
