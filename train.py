@@ -362,6 +362,7 @@ def load_model(rundir, which: str = "latest") -> tuple[TrainConfig, GPT]:
     """The trained model of a run (parameters only, no optimizer state) on the devices present."""
     rundir = Path(rundir)
     config = read_run_config(rundir)
+    # Whatever devices are here now (a run trained on 8 GPUs samples on 1 CPU): FSDP over all.
     config = dataclasses.replace(config, data_parallel=1, fsdp=-1, batch_size=jax.device_count())
     abstract_params, _, static, _ = abstract_state(config, make_mesh(config))
     if not (rundir / "checkpoints").is_dir():
