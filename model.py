@@ -159,8 +159,8 @@ class MLP(eqx.Module):
 
     def __call__(self, x: Float[Array, "seq d"]) -> Float[Array, "seq d"]:
         # Checkpointed: the backward keeps only the GELU's input, not the ~5 intermediates of its
-        # tanh formula, each as wide as the MLP (4 * n_embd). Measured with the next two lines'
-        # variants on the 2-core CPU (bench.py, shakespeare_char_cpu): ~94 -> ~70 ms/step.
+        # tanh formula, each as wide as the MLP (4 * n_embd). On the 2-core CPU this, together
+        # with train.py's single-micro-batch path, took ~94 -> ~70 ms/step (BENCHMARKS.md).
         return self.proj(jax.checkpoint(jax.nn.gelu)(self.fc(x)))
 
 

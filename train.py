@@ -67,10 +67,6 @@ class TrainConfig:
         return self.grad_accum * self.batch_size * self.model.block_size
 
 
-def config_to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
-
-
 def config_from_dict(d: dict) -> TrainConfig:
     return TrainConfig(**{**d, "model": GPTConfig(**d["model"])})
 
@@ -100,6 +96,15 @@ def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
     return jax.make_mesh((config.data_parallel, fsdp), ("data", "fsdp"), auto, devices=devices)
 
 
+def in_block_stack(path) -> bool:
+    """Arrays under .blocks carry a leading n_layer axis (blocks are stacked and scanned)."""
+    return any(getattr(key, "name", None) == "blocks" for key in path)
+
+
+def shardings_of(abstract_tree):
+    return jax.tree.map(lambda x: x.sharding, abstract_tree)
+
+
 def fsdp_rule(mesh, min_size: int):
     """The one FSDP rule: shard a big array over "fsdp" on its largest divisible axis.
 
@@ -111,8 +116,8 @@ def fsdp_rule(mesh, min_size: int):
 
     def sharding(path, leaf) -> NamedSharding:
         shape = leaf.shape
-        stacked = any(getattr(key, "name", None) == "blocks" for key in path)
-        axes = [a for a in range(1 if stacked else 0, len(shape)) if shape[a] % n_shards == 0]
+        first = 1 if in_block_stack(path) else 0
+        axes = [a for a in range(first, len(shape)) if shape[a] % n_shards == 0]
         if n_shards == 1 or math.prod(shape) < min_size or not axes:
             return NamedSharding(mesh, P())
         axis = max(axes, key=lambda a: shape[a])
@@ -134,8 +139,7 @@ def weight_decay_labels(params):
     """'decay' for matrices (ndim >= 2 in the unstacked model), 'no_decay' for norm gains."""
 
     def label(path, leaf):
-        stacked = any(getattr(key, "name", None) == "blocks" for key in path)
-        return "decay" if leaf.ndim - stacked >= 2 else "no_decay"
+        return "decay" if leaf.ndim - in_block_stack(path) >= 2 else "no_decay"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -187,10 +191,9 @@ def abstract_state(config: TrainConfig, mesh):
 
 def init_state(config: TrainConfig, abstract_params, abstract_opt, optimizer):
     """Initialises every parameter directly into its shard: no device ever holds the whole model."""
-    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     make_params = lambda key: eqx.filter(GPT(config.model, key=key), eqx.is_array)  # noqa: E731
-    params = jax.jit(make_params, out_shardings=shardings(abstract_params))(jr.key(config.seed))
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings(abstract_opt))(params)
+    params = jax.jit(make_params, out_shardings=shardings_of(abstract_params))(jr.key(config.seed))
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings_of(abstract_opt))(params)
     return params, opt_state
 
 
@@ -200,7 +203,7 @@ def init_state(config: TrainConfig, abstract_params, abstract_opt, optimizer):
 
 def make_train_step(config: TrainConfig, optimizer, abstract_params):
     schedule = lr_schedule(config)
-    param_shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+    param_shardings = shardings_of(abstract_params)
 
     @eqx.filter_jit(donate="all")
     def train_step(model, opt_state, tokens, targets, step, key_data):
@@ -364,9 +367,9 @@ def load_model(rundir, which: str = "latest") -> tuple[TrainConfig, GPT]:
     config = read_run_config(rundir)
     # Whatever devices are here now (a run trained on 8 GPUs samples on 1 CPU): FSDP over all.
     config = dataclasses.replace(config, data_parallel=1, fsdp=-1, batch_size=jax.device_count())
-    abstract_params, _, static, _ = abstract_state(config, make_mesh(config))
     if not (rundir / "checkpoints").is_dir():
         raise UserError(f"{rundir} has no checkpoints yet: train first (or check --rundir)")
+    abstract_params, _, static, _ = abstract_state(config, make_mesh(config))
     manager = checkpoint_manager(rundir)
     params, _, _ = restore_checkpoint(manager, choose_step(manager, which), abstract_params)
     return config, eqx.combine(params, static)
@@ -387,7 +390,8 @@ def peak_flops_per_device() -> float | None:
 
 def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]:
     """Reads the metrics held on device (the loop's only host sync); stops on NaN/inf."""
-    rows = [(step, jax.device_get(metrics)) for step, metrics in pending]
+    steps = [step for step, _ in pending]
+    rows = list(zip(steps, jax.device_get([metrics for _, metrics in pending])))  # one transfer
     for step, metrics in rows:
         for name in ("loss", "grad_norm"):
             if math.isfinite(float(metrics[name])):
@@ -443,14 +447,14 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     if is_main:
         rundir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(rundir / "config.json", {
-            "config": config_to_dict(config), "git_commit": git_commit(),
+            "config": dataclasses.asdict(config), "git_commit": git_commit(),
             "data": {"dir": config.data_dir, "train_sha256": meta.get("train_sha256"),
                      "val_sha256": meta.get("val_sha256")},
         })
         from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
         writer = SummaryWriter(str(rundir))
-        writer.add_text("config", "```\n" + json.dumps(config_to_dict(config), indent=2) + "\n```")
+        writer.add_text("config", "```\n" + json.dumps(dataclasses.asdict(config), indent=2) + "\n```")
     log_file = open(rundir / "log.txt", "a") if is_main else None
 
     def log(line: str):
@@ -468,6 +472,11 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
 
     pending, last_saved = [], (start or None)
+
+    def save(val_loss=None):
+        run_state = {"step": step, "sampler": train_batches.state_dict(), "key": key_data.tolist()}
+        save_checkpoint(manager, step, eqx.filter(model, eqx.is_array), opt_state,
+                        {**run_state, "val_loss": val_loss}, val_loss=val_loss)
 
     def flush():
         """Reads the pending metrics (one sync), stops on NaN, logs each step to TensorBoard."""
@@ -529,19 +538,14 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                     writer.add_scalar("eval/train_loss", losses["train"], step)
                     writer.add_scalar("eval/val_loss", losses["val"], step)
                 if manager is not None:
-                    run_state = {"step": step, "sampler": train_batches.state_dict(),
-                                 "key": key_data.tolist(), "val_loss": losses["val"]}
-                    save_checkpoint(manager, step, eqx.filter(model, eqx.is_array), opt_state,
-                                    run_state, val_loss=losses["val"])
+                    save(val_loss=losses["val"])
                     last_saved = step
                 step_timer += time.perf_counter() - eval_start  # evaluation is not step time
     except KeyboardInterrupt:
         # Stopping by hand keeps the work: save where we are, then stop (rerun to resume).
         if manager is not None and step != last_saved:
             flush()
-            run_state = {"step": step, "sampler": train_batches.state_dict(),
-                         "key": key_data.tolist()}
-            save_checkpoint(manager, step, eqx.filter(model, eqx.is_array), opt_state, run_state)
+            save()
             log(f"interrupted: checkpoint saved at step {step}; rerun with --rundir={rundir} to resume")
         raise
     finally:
