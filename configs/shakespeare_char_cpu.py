@@ -11,6 +11,7 @@ config = TrainConfig(
         block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
         compute_dtype="float32",  # CPUs have no fast bf16 matmul: float32 is quicker here
         remat=True,  # on XLA:CPU recomputing a block beats storing its activations (BENCHMARKS.md)
+        unroll_layers=False,  # unrolled, the CPU step took ~25% longer (GPUs gain: BENCHMARKS.md)
     ),
     batch_size=12,
     learning_rate=1e-3,

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from model import GPT, GPTConfig, apply_rope, flops_per_token, loss_fn, num_params, rope_table
+from model import (GPT, GPTConfig, apply_rope, cross_entropy, embed, flops_per_token, loss_fn,
+                   num_params, rope_table, sum_rows_by_id)
 
 # Small shapes keep the suite fast on 2 CPU cores; float32 compute for exact comparisons.
 TINY = GPTConfig(
@@ -208,7 +209,90 @@ def test_tiny_model_overfits_one_batch():
     assert float(loss) < 0.1
 
 
-BAD_CONFIGS = [dict(n_embd=65), dict(attention="flash"), dict(compute_dtype="fp8")]
+def skewed_tokens(key, shape, vocab):
+    """Ids as frequent as in text: a few ids take most of the positions (Zipf-like)."""
+    return jnp.minimum(jr.geometric(key, 0.3, shape) - 1, vocab - 1)
+
+
+def test_embedding_gradient_equals_autodiff_scatter_add_and_repeats_bitwise():
+    # float32 on CPU: the sorted running-sum differences agree with a scatter-add to rounding.
+    table = jr.normal(jr.key(0), (97, 16))
+    tokens = skewed_tokens(jr.key(1), (4, 50), 97)
+    assert int(jnp.bincount(tokens.reshape(-1)).max()) > 20  # the test has collisions
+    cotangent = jr.normal(jr.key(2), (4, 50, 16))
+    grad = jax.jit(jax.grad(lambda t: jnp.sum(embed(t, tokens) * cotangent)))
+    plain = jax.grad(lambda t: jnp.sum(t[tokens] * cotangent))(table)
+    ours = grad(table)
+    np.testing.assert_allclose(ours, plain, atol=1e-5, rtol=1e-5)
+    unseen = np.setdiff1d(np.arange(97), np.asarray(tokens))
+    assert unseen.size and not np.any(np.asarray(ours)[unseen])  # exactly zero, no rounding
+    np.testing.assert_array_equal(ours, grad(table))  # deterministic: same bits every time
+    np.testing.assert_array_equal(embed(table, tokens), table[tokens])
+
+
+def test_sum_rows_by_id_handles_ids_never_seen_and_one_id_everywhere():
+    rows = jnp.arange(12.0).reshape(6, 2)
+    np.testing.assert_array_equal(sum_rows_by_id(jnp.array([2, 0, 2, 2, 0, 4]), rows, 5),
+                                  [[2 + 8, 3 + 9], [0, 0], [0 + 4 + 6, 1 + 5 + 7], [0, 0], [10, 11]])
+    np.testing.assert_array_equal(sum_rows_by_id(jnp.zeros(6, int), rows, 2),
+                                  [[30, 36], [0, 0]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_cross_entropy_matches_optax(dtype):
+    logits = (4 * jr.normal(jr.key(0), (3, 7, 50))).astype(dtype)
+    targets = skewed_tokens(jr.key(1), (3, 7), 50)
+    reference = lambda x: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+        x.astype(jnp.float32), targets).mean()
+    ours = lambda x: cross_entropy(x, targets).mean()  # noqa: E731
+    assert ours(logits).dtype == jnp.float32  # float32 loss whatever the logits' dtype
+    # Both read the same logits in float32: equal to float32 rounding.
+    np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+    grad, expected = jax.grad(ours)(logits), jax.grad(reference)(logits)
+    assert grad.dtype == logits.dtype  # the gradient leaves in the logits' dtype
+    # bf16 keeps 8 mantissa bits: the gradient differs by its rounding, ~0.4% of its size.
+    tolerance = 1e-7 if dtype == "float32" else 4e-3 * float(jnp.abs(expected).max())
+    np.testing.assert_allclose(grad.astype(jnp.float32), expected, atol=tolerance, rtol=0)
+
+
+def test_attention_dropout_changes_the_forward_only_when_a_key_is_given():
+    tokens = random_tokens(jr.key(1), (TINY.block_size,))
+    dropped = GPT(tiny(attn_dropout=0.5), key=jr.key(0))
+    plain = GPT(tiny(), key=jr.key(0))  # the same parameters
+    # Inference (no key) takes the fused attention path: the same function as without dropout.
+    np.testing.assert_allclose(forward(dropped, tokens), forward(plain, tokens), atol=1e-6)
+    # Training (a key, residual dropout 0): only attn_dropout can change the output.
+    np.testing.assert_allclose(forward(plain, tokens, key=jr.key(3)), forward(plain, tokens),
+                               atol=1e-6)
+    train_a = forward(dropped, tokens, key=jr.key(3))
+    assert not np.allclose(train_a, forward(dropped, tokens), atol=1e-3)
+    np.testing.assert_array_equal(train_a, forward(dropped, tokens, key=jr.key(3)))
+    assert not np.allclose(train_a, forward(dropped, tokens, key=jr.key(4)), atol=1e-3)
+
+
+def test_attention_with_dropout_at_rate_zero_equals_the_fused_path():
+    from model import attention_with_dropout
+
+    q, k, v = (jr.normal(jr.key(i), (9, 2, 8)) for i in range(3))
+    written_out = attention_with_dropout(q, k, v, 0.0, jr.key(5))
+    fused = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(written_out, fused, atol=1e-5)
+
+
+def test_unrolled_layers_compute_what_the_scan_computes():
+    tokens = random_tokens(jr.key(1), (2, TINY.block_size))
+    targets = random_tokens(jr.key(2), (2, TINY.block_size))
+    unrolled = GPT(tiny(unroll_layers=True), key=jr.key(0))
+    scanned = GPT(tiny(unroll_layers=False), key=jr.key(0))
+    loss_a, grads_a = value_and_grad(unrolled, tokens, targets)
+    loss_b, grads_b = value_and_grad(scanned, tokens, targets)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+BAD_CONFIGS = [dict(n_embd=65), dict(attention="flash"), dict(compute_dtype="fp8"),
+               dict(dropout=1.0), dict(attn_dropout=-0.1)]
 
 
 @pytest.mark.parametrize("bad", BAD_CONFIGS)
