@@ -1,0 +1,208 @@
+"""Each GPU trick of model.py measured on its own: the step with one trick taken back at a time.
+
+    python benchmarks/gpu_variants.py --shape=gpt2 --data_dir=data/shakespeare
+    python benchmarks/gpu_variants.py --shape=shakespeare_char --data_dir=data/shakespeare_char
+    python benchmarks/gpu_variants.py --shape=gpt2 --determinism   # bitwise repeatability
+
+A variant swaps one function of model.py for the plain version it replaced (the scatter-add
+embedding gradient, float32 logits with optax's loss) or flips a config switch, then times the
+same train_step as bench.py on the same real-text batches. Written for BENCHMARKS.md; it is not
+part of the library. --determinism runs a few steps twice from the same state and compares the
+parameters bit for bit.
+"""
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench  # noqa: E402
+import launch  # noqa: E402
+import model  # noqa: E402
+import train  # noqa: E402
+
+SHAPES = {  # config file, overrides
+    "gpt2": ("openwebtext", dict(batch_size=32, grad_accum=1)),
+    "shakespeare_char": ("shakespeare_char", {}),
+}
+
+
+# ---- The plain versions that model.py's tricks replaced
+
+
+def embed_scatter_add(table, tokens):  # autodiff's own gradient: a scatter-add with atomics
+    return table[tokens]
+
+
+@jax.custom_vjp
+def embed_segment_sum(table, tokens):  # sorted segment_sum: fast, but still atomics
+    return table[tokens]
+
+
+def _segment_fwd(table, tokens):
+    return table[tokens], (table, tokens)
+
+
+def _segment_bwd(residuals, grad):
+    table, tokens = residuals
+    ids, rows = tokens.reshape(-1), grad.reshape(-1, grad.shape[-1])
+    order = jnp.argsort(ids)
+    sums = jax.ops.segment_sum(rows[order], ids[order], table.shape[0], indices_are_sorted=True)
+    return sums.astype(table.dtype), None
+
+
+embed_segment_sum.defvjp(_segment_fwd, _segment_bwd)
+
+
+@jax.custom_vjp
+def embed_one_hot(table, tokens):  # a matmul with the one-hot tokens: fine for small vocabs
+    return table[tokens]
+
+
+def _one_hot_bwd(residuals, grad):
+    table, tokens = residuals
+    one_hot = jax.nn.one_hot(tokens.reshape(-1), table.shape[0], dtype=grad.dtype)
+    grad = grad.reshape(-1, grad.shape[-1])
+    return jnp.matmul(one_hot.T, grad, preferred_element_type=jnp.float32).astype(table.dtype), None
+
+
+embed_one_hot.defvjp(_segment_fwd, _one_hot_bwd)
+
+
+def logits_float32(self, x):  # the head's output in float32: its gradient matmuls run in TF32
+    head = self.embed.T if self.lm_head is None else self.lm_head
+    return jnp.matmul(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def cross_entropy_optax(logits, targets):
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+PATCHES = {
+    "embed=scatter-add": {"embed": embed_scatter_add},
+    "embed=segment_sum": {"embed": embed_segment_sum},
+    "embed=one-hot": {"embed": embed_one_hot},
+    "logits=float32": {"GPT.logits": logits_float32, "cross_entropy": cross_entropy_optax},
+}
+
+
+def patched(names: list[str]):
+    """Applies the named patches to the model module; returns a function that undoes them."""
+    undo = []
+    for name in names:
+        for attr, fn in PATCHES[name].items():
+            owner = model.GPT if attr.startswith("GPT.") else model
+            attr = attr.removeprefix("GPT.")
+            undo.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, fn)
+
+    def restore():
+        for owner, attr, fn in reversed(undo):
+            setattr(owner, attr, fn)
+
+    return restore
+
+
+def config_for(shape: str, changes: dict) -> train.TrainConfig:
+    name, base = SHAPES[shape]
+    config = dataclasses.replace(launch.load_config(name), **base)
+    model_changes = {k[len("model."):]: v for k, v in changes.items() if k.startswith("model.")}
+    other = {k: v for k, v in changes.items() if not k.startswith("model.")}
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **model_changes),
+                               **other)
+
+
+def parse_variant(spec: str) -> tuple[list[str], dict]:
+    """'embed=segment_sum+model.unroll_layers=False' -> (patches, config changes)."""
+    patches, changes = [], {}
+    for part in filter(None, spec.split("+")):
+        if part in PATCHES:
+            patches.append(part)
+        else:
+            key, value = part.split("=")
+            changes[key] = {"True": True, "False": False}.get(value, value)
+            for kind in (int, float):
+                try:
+                    changes[key] = kind(value)
+                    break
+                except ValueError:
+                    pass
+    return patches, changes
+
+
+def time_variants(shape, variants, tokens, steps, warmup):
+    rows = []
+    for spec in variants:
+        patches, changes = parse_variant(spec)
+        restore = patched(patches)
+        try:
+            result = bench.benchmark(config_for(shape, changes), steps, warmup, tokens)
+        finally:
+            restore()
+        rows.append((spec or "all tricks", result["ms_per_step"], result["compile_s"],
+                     result["loss"]))
+        print(f"{rows[-1][0]:55s} {result['ms_per_step']:8.2f} ms/step  compile "
+              f"{result['compile_s']:5.1f}s  loss {result['loss']:.4f}", flush=True)
+    return rows
+
+
+def params_after(config, tokens, steps):
+    mesh = train.make_mesh(config)
+    abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
+    params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
+    state = eqx.combine(params, static)
+    train_step = train.make_train_step(config, optimizer, abstract_params)
+    sampler = bench.data.BatchSampler(tokens, config.model.block_size, config.batch_size, 1,
+                                      seed=1337)
+    key_data = np.asarray([0, 7], np.uint32)
+    sharding = train.batch_sharding(mesh)
+    for step in range(steps):
+        x, y = (jax.device_put(a, sharding) for a in sampler.batch(step))
+        state, opt_state, _ = train_step(state, opt_state, x, y, np.int32(step), key_data)
+    return [np.asarray(a) for a in jax.tree.leaves(eqx.filter(state, eqx.is_array))]
+
+
+def determinism(shape, variants, tokens, steps=3):
+    for spec in variants:
+        patches, changes = parse_variant(spec)
+        restore = patched(patches)
+        try:
+            config = config_for(shape, changes)
+            a, b = params_after(config, tokens, steps), params_after(config, tokens, steps)
+        finally:
+            restore()
+        diff = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+        same = all(np.array_equal(x, y) for x, y in zip(a, b))
+        print(f"determinism {spec or 'all tricks':45s} {steps} steps twice: "
+              f"{'bitwise equal' if same else f'DIFFERENT, max |diff| {diff:.3g}'}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", choices=tuple(SHAPES), default="gpt2")
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--determinism", action="store_true")
+    p.add_argument("variants", nargs="*", help="e.g. '' 'embed=scatter-add' "
+                   "'model.unroll_layers=False' 'logits=float32+embed=scatter-add'")
+    args = p.parse_args()
+    tokens, source = bench.token_stream(config_for(args.shape, {}), args.data_dir)
+    print(f"{args.shape} on {jax.devices()[0].device_kind}, jax {jax.__version__}, tokens from "
+          f"{source}", flush=True)
+    variants = args.variants or [""]
+    if args.determinism:
+        determinism(args.shape, variants, tokens)
+    else:
+        time_variants(args.shape, variants, tokens, args.steps, args.warmup)
+
+
+if __name__ == "__main__":
+    main()
