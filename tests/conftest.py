@@ -11,6 +11,10 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 # GPT-2 BPE files come from tiktoken's cache in ../shared: tests never touch the network.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "data" / "tiktoken"))
+# Tests that compare two computation paths in float32 assume float32 matmuls. On a GPU, XLA's
+# default runs them in TF32 (10-bit mantissa); ask for full float32 here and in subprocesses.
+# A no-op on CPU. Tests of the bf16 path state their own, looser, tolerance.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 
 @pytest.fixture(scope="session")
