@@ -22,7 +22,7 @@ import jax.random as jr
 
 import data
 from data import ArgumentParser, UserError
-from model import GPT, GPTConfig, cast_floats, generate, sample_token, with_config
+from model import GPT, GPTConfig, cast_floats, embed, generate, sample_token, with_config
 
 SEPARATOR = "---------------"
 
@@ -50,14 +50,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "1 is off (default 1.0)")
     parser.add_argument("--seed", type=int, default=1337,
                         help="the same seed gives the same samples (default 1337)")
-    parser.add_argument("--checkpoint", default="latest",
-                        help="latest, best (lowest val loss) or a step number (default latest)")
+    parser.add_argument("--checkpoint", default="auto",
+                        help="latest, best (lowest val loss) or a step number (default: best "
+                        "when a checkpoint has a val loss, as nanoGPT keeps only its best; "
+                        "else latest)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"),
                         help="compute dtype (default: the run's model.compute_dtype)")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="measure tokens/s of cached vs naive decoding on a random-init "
-                        "shakespeare_char-shaped model (no --rundir; uses --max_new_tokens and "
-                        "--dtype, default float32) and exit")
+    parser.add_argument("--benchmark", choices=tuple(BENCHMARK_SHAPES), nargs="?",
+                        const="shakespeare_char",
+                        help="measure tokens/s of cached vs naive decoding on a random-init model "
+                        "of this shape (default shakespeare_char; no --rundir; uses "
+                        "--max_new_tokens, --num_samples and --dtype, default float32) and exit")
     args = parser.parse_args(argv)
     if not args.benchmark and not args.rundir:
         raise UserError("say which run to sample from: --rundir=RUN (a directory made by launch.py)")
@@ -104,6 +107,17 @@ def generate_samples(model: GPT, prompt, keys, max_new_tokens, temperature, top_
     return jax.vmap(one)(keys)
 
 
+def checkpoint_step(train, rundir: Path, which: str) -> int:
+    """The step to sample from: 'auto' is the best checkpoint by val loss if any has one."""
+    if not (rundir / "checkpoints").is_dir():
+        raise UserError(f"{rundir} has no checkpoints yet: train first (or check --rundir)")
+    manager = train.checkpoint_manager(rundir)
+    if which == "auto":
+        scored = any(manager.metrics(s) for s in manager.all_steps())
+        which = "best" if scored else "latest"
+    return train.choose_step(manager, which)
+
+
 def sample_keys(seed: int, num_samples: int):
     # fold_in: sample i is the same whatever num_samples is
     return jax.vmap(lambda i: jr.fold_in(jr.key(seed), i))(jnp.arange(num_samples))
@@ -112,7 +126,8 @@ def sample_keys(seed: int, num_samples: int):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.benchmark:
-        return benchmark(args.max_new_tokens, args.dtype or "float32")
+        return benchmark(args.benchmark, args.max_new_tokens, args.num_samples,
+                         args.dtype or "float32")
     import train  # here: --benchmark and --help need neither orbax nor the training code
 
     config = train.read_run_config(Path(args.rundir))
@@ -121,11 +136,12 @@ def main(argv=None) -> None:
     if len(prompt) == 0:
         raise UserError("the prompt encodes to no tokens: pass a longer --start")
 
-    _, model = train.load_model(args.rundir, args.checkpoint)
+    step = checkpoint_step(train, Path(args.rundir), args.checkpoint)
+    _, model = train.load_model(args.rundir, str(step))
     if args.dtype and args.dtype != model.config.compute_dtype:
         model = with_config(model, dataclasses.replace(model.config, compute_dtype=args.dtype))
     status(f"sampling {args.num_samples} x {args.max_new_tokens} tokens from {args.rundir} "
-           f"(checkpoint {args.checkpoint}, {model.config.compute_dtype}, prompt of {len(prompt)} "
+           f"(checkpoint at step {step}, {model.config.compute_dtype}, prompt of {len(prompt)} "
            f"tokens, block_size {model.config.block_size})")
 
     t0 = time.perf_counter()
@@ -159,7 +175,8 @@ def naive_generate(model: GPT, prompt, key, max_new_tokens: int, temperature: fl
 
     def step(carry, step_key):
         window, length = carry
-        logits = model(window)[length - 1]
+        hidden = model.hidden(embed(model.embed, window))  # every position: the naive part
+        logits = model.logits(hidden[length - 1]).astype(jnp.float32)  # as nanoGPT: one row
         token = sample_token(logits, step_key, temperature, top_k, top_p)
         full = length == block  # slide by one, like nanoGPT's idx[:, -block_size:]
         window = jnp.where(full, jnp.roll(window, -1), window)
@@ -171,25 +188,48 @@ def naive_generate(model: GPT, prompt, key, max_new_tokens: int, temperature: fl
     return tokens
 
 
-def benchmark(max_new_tokens: int = 500, dtype: str = "float32") -> dict:
-    """Tokens/s of generate vs naive_generate, num_samples=1, the shakespeare_char shape (random
-    init); the first call of each compiles and is not timed."""
-    config = GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384,
-                       compute_dtype=dtype)
+BENCHMARK_SHAPES = {
+    "shakespeare_char": GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384),
+    "gpt2": GPTConfig(),  # GPT-2 124M: block 1024, vocab 50304
+}
+
+
+def benchmark(shape: str = "shakespeare_char", max_new_tokens: int = 500, num_samples: int = 1,
+              dtype: str = "float32", decode=generate) -> dict:
+    """Tokens/s of `decode` (generate) vs naive_generate on a random-init model, prompt of one
+    token, temperature 0.8, the samples vmapped; the first call of each compiles and is not timed.
+    Also the bound of reading every weight once per decoding step at the device's memory
+    bandwidth, when it is known."""
+    config = dataclasses.replace(BENCHMARK_SHAPES[shape], compute_dtype=dtype)
     model = GPT(config, key=jr.key(0))
     prompt = jnp.zeros(1, jnp.int32)
-    cached = eqx.filter_jit(lambda m, k: generate(m, prompt, k, max_new_tokens, temperature=0.8))
-    naive = eqx.filter_jit(lambda m, k: naive_generate(m, prompt, k, max_new_tokens, 0.8))
+    keys = sample_keys(0, num_samples)
+
+    def batched(fn):
+        return eqx.filter_jit(lambda m, ks: jax.vmap(lambda k: fn(m, prompt, k, max_new_tokens,
+                                                                   temperature=0.8))(ks))
+
     results = {}
-    for name, fn in (("cached", cached), ("naive", naive)):
-        jax.block_until_ready(fn(model, jr.key(0)))  # compile
+    for name, fn in (("cached", batched(decode)), ("naive", batched(naive_generate))):
+        jax.block_until_ready(fn(model, keys))  # compile
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(model, jr.key(1)))
-        results[name] = max_new_tokens / (time.perf_counter() - t0)
-        status(f"{name}: {results[name]:.1f} tokens/s")
-    status(f"cached / naive: {results['cached'] / results['naive']:.1f}x "
-           f"({max_new_tokens} new tokens, {dtype}, {jax.devices()[0].device_kind})")
+        jax.block_until_ready(fn(model, jr.split(keys[0], num_samples)))
+        results[name] = num_samples * max_new_tokens / (time.perf_counter() - t0)
+        status(f"{name}: {results[name]:,.1f} tokens/s")
+    device = jax.devices()[0].device_kind
+    weight_bytes = sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    weight_bytes *= jnp.dtype(dtype).itemsize
+    bandwidth = next((bw for name, bw in MEMORY_BANDWIDTH.items() if name in device), None)
+    bound = "" if bandwidth is None else (
+        f"; reading the {weight_bytes / 1e6:.0f} MB of weights once per step bounds it at "
+        f"{num_samples * bandwidth / weight_bytes:,.0f} tokens/s")
+    status(f"cached / naive: {results['cached'] / results['naive']:.1f}x ({shape}, "
+           f"{num_samples} x {max_new_tokens} new tokens, {dtype}, {device}){bound}")
     return results
+
+
+# Memory bandwidth per device in bytes/s, for the decoding bound: datasheet figures.
+MEMORY_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 if __name__ == "__main__":

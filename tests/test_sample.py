@@ -194,11 +194,20 @@ def test_prompt_from_file_and_checkpoint_by_step(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_best_checkpoint(trained_run):
-    done = run_sample(f"--rundir={trained_run}", "--checkpoint=best", "--num_samples=1",
-                      "--max_new_tokens=10", "--dtype=bfloat16")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count(SEPARATOR + "\n") == 1
+def test_best_checkpoint_is_the_default_and_named(trained_run):
+    import train
+
+    manager = train.checkpoint_manager(trained_run)
+    best = min(manager.all_steps(), key=lambda s: manager.metrics(s)["val_loss"])
+    for flags in ([], ["--checkpoint=best"]):
+        done = run_sample(f"--rundir={trained_run}", *flags, "--num_samples=1",
+                          "--max_new_tokens=10", "--dtype=bfloat16")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count(SEPARATOR + "\n") == 1
+        assert f"checkpoint at step {best}," in done.stderr  # says which one it loaded
+    done = run_sample(f"--rundir={trained_run}", "--checkpoint=latest", "--num_samples=1",
+                      "--max_new_tokens=10")
+    assert f"checkpoint at step {max(manager.all_steps())}," in done.stderr
 
 
 @pytest.mark.slow
@@ -223,3 +232,19 @@ def test_missing_data_dir_is_a_clear_error(trained_run, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert "gone does not exist" in lines[0] and "data directory" in lines[0]
+
+
+def test_auto_checkpoint_is_the_best_when_one_has_a_val_loss(tmp_path):
+    import train
+    from sample import checkpoint_step
+
+    params = {"w": jnp.ones(3)}
+    manager = train.checkpoint_manager(tmp_path, keep_last=5)
+    train.save_checkpoint(manager, 1, params, params, {"step": 1})  # no val loss: latest wins
+    manager.wait_until_finished()
+    assert checkpoint_step(train, tmp_path, "auto") == 1
+    for step, val_loss in [(2, 3.0), (3, 1.0), (4, 2.0)]:
+        train.save_checkpoint(manager, step, params, params, {"step": step}, val_loss=val_loss)
+    manager.wait_until_finished()
+    assert checkpoint_step(train, tmp_path, "auto") == 3
+    assert checkpoint_step(train, tmp_path, "latest") == 4
