@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import importlib.util
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
@@ -139,6 +140,8 @@ def main(argv=None):
         print("\n".join(describe(config)))
         return
 
+    if config.deterministic:  # read when the backend starts: before anything touches a device
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true"
     if args.multihost:
         import jax
 
