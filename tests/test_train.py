@@ -356,3 +356,25 @@ def test_bench_reports_throughput(tmp_path):
     assert "tokens from" in result.stdout  # it says where its batches came from
     assert_one_line_error(run([REPO / "bench.py", "--config=shakespeare_char_cpu", "--oops=1"]),
                           "oops")
+
+
+def test_a_resume_may_change_how_the_model_is_computed_not_what(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    train.write_json_atomic(tmp_path / "config.json", {"config": dataclasses.asdict(config)})
+    for how in (dict(unroll_layers=not config.model.unroll_layers), dict(remat=False),
+                dict(attention="xla")):
+        changed = dataclasses.replace(config, model=dataclasses.replace(config.model, **how))
+        train.check_rundir(changed, tmp_path)  # accepted
+    for what in (dict(n_layer=3), dict(attn_dropout=0.1)):
+        changed = dataclasses.replace(config, model=dataclasses.replace(config.model, **what))
+        with pytest.raises(train.UserError, match=f"model.{next(iter(what))} differ"):
+            train.check_rundir(changed, tmp_path)
+
+
+def test_deterministic_switch_sets_xla_flag_before_the_backend_starts(tmp_path):
+    script = ("import os, sys; sys.argv = ['launch.py', '--config=shakespeare_char_cpu', "
+              "'--deterministic=true', '--data_dir=/nonexistent']; import launch\n"
+              "try:\n    launch.main(sys.argv[1:])\nexcept launch.UserError:\n    pass\n"
+              "print(os.environ['XLA_FLAGS'])")
+    result = run(["-c", script], env={"XLA_FLAGS": ""}, check=True)
+    assert "--xla_gpu_deterministic_ops=true" in result.stdout
