@@ -55,32 +55,44 @@ def parse_value(text: str, like, key: str):
         raise UserError(f"--{key}={text}: expected {kind.__name__} (like {like!r})") from None
 
 
-def override(config, path: list[str], text: str, key: str):
-    """A copy of config (a dataclass, nested ones too) with the field at path set from text."""
+def parse_override(config, path: list[str], text: str, key: str):
+    """The value of the field at path (nested dataclasses too), parsed from text as its type."""
     fields = {f.name for f in dataclasses.fields(config)}
     name = path[0]
     current = getattr(config, name, None)
     if name not in fields or (len(path) > 1 and not dataclasses.is_dataclass(current)):
         raise UserError(f"unknown config key '{key}': see --help for every field")
     if len(path) > 1:
-        value = override(current, path[1:], text, key)
-    elif dataclasses.is_dataclass(current):
+        return parse_override(current, path[1:], text, key)
+    if dataclasses.is_dataclass(current):
         raise UserError(f"'{key}' is a group of settings: set one of its fields, e.g. --{key}.n_layer=4")
-    else:
-        value = parse_value(text, current, key)
-    try:
-        return dataclasses.replace(config, **{name: value})
-    except ValueError as e:  # the dataclass's own checks, e.g. heads that do not divide n_embd
-        raise UserError(f"--{key}={text}: {e}") from None
+    return parse_value(text, current, key)
+
+
+def with_changes(config, changes: dict):
+    """A copy of config with changes ({field: value or {nested field: ...}}), checked once."""
+    values = {name: with_changes(getattr(config, name), value) if isinstance(value, dict) else value
+              for name, value in changes.items()}
+    return dataclasses.replace(config, **values)
 
 
 def apply_overrides(config, overrides: list[str]):
+    """All overrides are applied before the config checks itself, so relations between fields
+    (warmup_steps <= max_steps, ...) see the final values whatever the order on the line."""
+    changes = {}
     for item in overrides:
         key, sep, text = item.removeprefix("--").partition("=")
         if not sep or not key:
             raise UserError(f"cannot read '{item}': write overrides as --key=value")
-        config = override(config, key.split("."), text, key)
-    return config
+        path = key.split(".")
+        node = changes
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = parse_override(config, path, text, key)
+    try:
+        return with_changes(config, changes)
+    except ValueError as e:  # the dataclasses' own checks, e.g. heads that do not divide n_embd
+        raise UserError(f"bad config value: {e}") from None
 
 
 def field_docs(cls) -> dict[str, str]:

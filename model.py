@@ -39,6 +39,11 @@ class GPTConfig:
     compute_dtype: str = "bfloat16"  # "bfloat16" or "float32"; parameters stay float32
 
     def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not self.rope_base > 1:
+            raise ValueError(f"rope_base={self.rope_base}: must be > 1")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(
                 f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size"

@@ -9,7 +9,9 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import jax.random as jr
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -65,6 +68,37 @@ class TrainConfig:
     # matmuls. XLA's deterministic kernels cost +10.6% on the earlier step (shared/measurements).
     deterministic: bool = False  # XLA's deterministic GPU kernels: exact reruns, ~10% slower
     profile_steps: int = 5  # steps traced by --debug
+
+    def __post_init__(self):
+        """Refuses values that cannot be right, naming the field (launch.py: one line, exit 2)."""
+        at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "warmup_steps": 0,
+                    "lr_decay_steps": 0, "data_parallel": 1, "fsdp_min_size": 0,
+                    "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
+                    "keep_checkpoints": 1, "seed": 0, "profile_steps": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= {low}")
+        for name in ("learning_rate", "weight_decay", "grad_clip", "min_lr"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be a number >= 0")
+        if self.learning_rate == 0:
+            raise ValueError("learning_rate=0: must be > 0")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr={self.min_lr}: must not exceed learning_rate="
+                             f"{self.learning_rate}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
+        schedule = self.lr_decay_steps or self.max_steps
+        if self.warmup_steps > schedule:
+            raise ValueError(f"warmup_steps={self.warmup_steps}: must not exceed the schedule's "
+                             f"{schedule} steps (lr_decay_steps, or max_steps when it is 0)")
+        if self.fsdp != -1 and self.fsdp < 1:
+            raise ValueError(f"fsdp={self.fsdp}: must be >= 1, or -1 for all devices left")
+        devices = self.data_parallel * max(self.fsdp, 1)
+        if self.batch_size % devices:
+            raise ValueError(f"batch_size={self.batch_size}: must divide over data_parallel x "
+                             f"fsdp = {devices} devices")
 
     @property
     def tokens_per_step(self) -> int:
@@ -300,6 +334,25 @@ def check_rundir(config: TrainConfig, rundir: Path) -> None:
                         "differ): use a new --rundir or the original config")
 
 
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step's directory once it is whole
+
+
+def set_aside_incomplete_checkpoints(rundir: Path) -> list[str]:
+    """Moves step directories that a crash left unfinished (orbax's temporary directories, or a
+    step without orbax's commit marker) into rundir/incomplete_checkpoints/, so a restart resumes
+    from the newest complete checkpoint and can save that step again. Nothing is deleted."""
+    directory = rundir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    incomplete = [p for p in directory.iterdir() if p.is_dir() and (
+        ocp.path.step.is_tmp_checkpoint(p) or (p.name.isdigit() and not (p / COMMIT_MARKER).exists()))]
+    aside = rundir / "incomplete_checkpoints"
+    for path in incomplete:
+        aside.mkdir(exist_ok=True)
+        os.replace(path, aside / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return sorted(p.name for p in incomplete)
+
+
 def checkpoint_manager(rundir: Path, keep_last: int | None = None) -> ocp.CheckpointManager:
     """The run's checkpoints; keep_last=None opens them read-only (sampling, inspection)."""
     options = {"create": False, "read_only": True}
@@ -394,6 +447,33 @@ def peak_flops_per_device() -> float | None:
 # The loop
 
 
+def preemption_notice(manager):
+    """(stop_requested(step), stop_listening()): stop_requested is True once the run should save
+    and stop.
+
+    SIGTERM is what SLURM, Kubernetes and spot machines send before they take a machine. With
+    one process, a handler notes it and the loop stops after the step in flight. With several,
+    JAX's preemption service (started by jax.distributed) receives it, and orbax's
+    reached_preemption(step) turns True on every host at the same step, so all save that step.
+    """
+    received = threading.Event()
+    previous = None
+    own_handler = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+    if own_handler:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+
+    def stop_requested(step: int) -> bool:
+        if received.is_set():
+            return True
+        return manager is not None and jax.process_count() > 1 and manager.reached_preemption(step)
+
+    def stop_listening():
+        if own_handler:
+            signal.signal(signal.SIGTERM, previous)
+
+    return stop_requested, stop_listening
+
+
 def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]:
     """Reads the metrics held on device (the loop's only host sync); stops on NaN/inf."""
     steps = [step for step, _ in pending]
@@ -436,6 +516,9 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
     abstract_params, abstract_opt, static, optimizer = abstract_state(config, mesh)
+    set_aside = set_aside_incomplete_checkpoints(rundir) if is_main and not debug else []
+    if jax.process_count() > 1:  # the other hosts wait until process 0 has tidied up
+        multihost_utils.sync_global_devices("incomplete checkpoints set aside")
     manager = None if debug else checkpoint_manager(rundir, config.keep_checkpoints)
     key_data = np.asarray(jr.key_data(jr.key(config.seed)))
     start = 0
@@ -447,6 +530,12 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     else:
         params, opt_state = init_state(config, abstract_params, abstract_opt, optimizer)
     model = eqx.combine(params, static)
+    if start >= config.max_steps:  # a finished run, started again: nothing to write
+        manager.close()
+        if is_main:
+            print(f"nothing to do: {rundir} is at step {start} of max_steps={config.max_steps} "
+                  "(raise --max_steps to train on)", flush=True)
+        return model
     train_step = make_train_step(config, optimizer, abstract_params)
 
     writer = None
@@ -472,6 +561,9 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     n_params = num_params(model, non_embedding=True)
     peak = peak_flops_per_device()
     flops_per_step = flops_per_token(config.model) * config.tokens_per_step
+    if set_aside:
+        log(f"incomplete checkpoints (a crash mid-save) moved to {rundir / 'incomplete_checkpoints'}: "
+            f"step directories {', '.join(set_aside)}")
     log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
         f"{n_params / 1e6:.2f}M non-embedding params | mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} {jax.devices()[0].platform} devices | "
@@ -495,6 +587,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     profiling = False
     batches = train_batches.prefetch()
     step = start
+    stop_requested, stop_listening = preemption_notice(manager)
     try:
         while step < config.max_steps:
             tokens, targets = next(batches)
@@ -547,6 +640,20 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                     save(val_loss=losses["val"])
                     last_saved = step
                 step_timer += time.perf_counter() - eval_start  # evaluation is not step time
+
+            if step < config.max_steps and stop_requested(step):
+                # Preempted: the step in flight has finished; save it and wait until it is on
+                # disk before exiting 0, so the scheduler's restart resumes right here.
+                if manager is None:  # --debug
+                    log(f"stopped by SIGTERM at step {step} (--debug: no checkpoints)")
+                    break
+                if step != last_saved:
+                    flush()
+                    save()
+                    manager.wait_until_finished()
+                log(f"stopped by SIGTERM at step {step}, checkpoint saved; rerun with "
+                    f"--rundir={rundir} to resume")
+                break
     except KeyboardInterrupt:
         # Stopping by hand keeps the work: save where we are, then stop (rerun to resume).
         if manager is not None and step != last_saved:
@@ -555,6 +662,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             log(f"interrupted: checkpoint saved at step {step}; rerun with --rundir={rundir} to resume")
         raise
     finally:
+        stop_listening()
         batches.close()
         if manager is not None:
             manager.wait_until_finished()
@@ -563,6 +671,4 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             writer.close()
         if log_file is not None:
             log_file.close()
-    if start >= config.max_steps:
-        log(f"nothing to do: the checkpoint is at step {start}, max_steps is {config.max_steps}")
     return model

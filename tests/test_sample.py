@@ -157,7 +157,8 @@ def trained_run(tmp_path_factory, shakespeare_input) -> Path:
         ["prepare_shakespeare.py", "--input", str(shakespeare_input),
          "--out_dir", str(root / "data")],
         ["launch.py", "--config=shakespeare_char_cpu", f"--data_dir={root / 'data'}",
-         f"--rundir={root / 'run'}", "--max_steps=20", "--eval_interval=10", "--eval_iters=2",
+         f"--rundir={root / 'run'}", "--max_steps=20", "--warmup_steps=5", "--eval_interval=10",
+         "--eval_iters=2",
          "--log_interval=10", "--model.n_layer=2", "--model.n_embd=64"],
     ]
     for command in commands:
