@@ -29,7 +29,7 @@ import numpy as np
 import data
 import launch
 import train
-from data import ArgumentParser, UserError, run_cli
+from cli import ArgumentParser, UserError, run_cli
 from model import flops_per_token, num_params
 
 

@@ -10,17 +10,17 @@ prepare_*.py write datasets with DatasetWriter; training reads them with load_me
 and BatchSampler; sampling encodes prompts with load_tokenizer.
 """
 
-import argparse
 import hashlib
 import json
 import os
 import queue
-import sys
 import threading
 import weakref
 from pathlib import Path
 
 import numpy as np
+
+from cli import UserError
 
 SPLITS = ("train", "val")
 META_ORDER = ("tokenizer", "chars", "vocab_size", "dtype", "train_tokens", "val_tokens",
@@ -32,31 +32,6 @@ PREPARE_COMMANDS = {
     "shakespeare": "python prepare_shakespeare.py --tokenizer gpt2",
     "openwebtext": "python prepare_openwebtext.py",
 }
-
-
-class UserError(Exception):
-    """Bad input from the user: one line on stderr, exit code 2, no traceback."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are bad input like any other: one line, exit 2 (via run_cli)."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
-def run_cli(main) -> None:
-    """Run a script's main(): a UserError becomes `error: ...` and exit 2; Ctrl-C exits 130 quietly."""
-    try:
-        main()
-    except UserError as e:
-        print("error:", " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever e holds
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
 
 
 def prepare_command(data_dir) -> str:

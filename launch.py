@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from data import ArgumentParser, UserError, run_cli
+from cli import ArgumentParser, UserError, run_cli
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data import (ArgumentParser, DatasetWriter, GPT2Tokenizer, UserError, existing_dataset,
-                  read_text, run_cli)
+from cli import ArgumentParser, UserError, run_cli
+from data import DatasetWriter, GPT2Tokenizer, existing_dataset, read_text
 
 HF_DATASET = "Skylion007/openwebtext"  # nanoGPT's "openwebtext": 8,013,769 documents
 SUFFIXES = (".txt", ".jsonl", ".parquet")

@@ -13,8 +13,8 @@ import urllib.request
 
 import numpy as np
 
-from data import (ArgumentParser, CharTokenizer, GPT2Tokenizer, UserError, read_text, run_cli,
-                  write_dataset)
+from cli import ArgumentParser, UserError, run_cli
+from data import CharTokenizer, GPT2Tokenizer, read_text, write_dataset
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import data
-from data import ArgumentParser, UserError
+from cli import ArgumentParser, UserError, run_cli
 from model import GPT, GPTConfig, cast_floats, embed, generate, sample_token, with_config
 
 SEPARATOR = "---------------"
@@ -233,4 +233,4 @@ MEMORY_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    run_cli(main)

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import data
-from data import UserError
+from cli import UserError
 from model import GPT, GPTConfig, flops_per_token, loss_fn, num_params
 
 # Orbax logs through absl, also for files it cannot parse; those failures reach the user as one

@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402  this repo's cli.py: one-line errors, as in eqxgpt's scripts
 import data  # noqa: E402  this repo's data.py (numpy only): the same files and sampler as eqxgpt
 
 SHAPES = {  # n_layer, n_head, n_embd, block, batch, vocab, dropout, lr, min_lr, warmup, beta2
@@ -132,11 +133,11 @@ def main():
     if have_data:
         meta = data.load_meta(data_dir)
         if meta["vocab_size"] > vocab:
-            raise data.UserError(f"{data_dir} has vocab {meta['vocab_size']}, "
-                                 f"more than --shape={args.shape}'s {vocab}")
+            raise cli.UserError(f"{data_dir} has vocab {meta['vocab_size']}, "
+                                f"more than --shape={args.shape}'s {vocab}")
         splits = {s: data.open_split(data_dir, s, meta) for s in data.SPLITS}
     elif not args.benchmark_steps:
-        raise data.UserError(f"{data_dir} holds no dataset: run `{data.prepare_command(data_dir)}` first")
+        raise cli.UserError(f"{data_dir} holds no dataset: run `{data.prepare_command(data_dir)}` first")
 
     def to_device(x, y):
         if cuda:  # pinned host memory lets the copy run asynchronously, as nanoGPT's get_batch
@@ -216,4 +217,4 @@ def main():
 
 
 if __name__ == "__main__":
-    data.run_cli(main)  # a bad dataset is one line on stderr, as in eqxgpt's scripts
+    cli.run_cli(main)  # a bad dataset is one line on stderr, as in eqxgpt's scripts

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import BatchSampler, UserError, load_meta, load_tokenizer, open_split, run_cli, write_dataset
+from cli import UserError, run_cli
+from data import BatchSampler, load_meta, load_tokenizer, open_split, write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
