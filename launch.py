@@ -146,6 +146,13 @@ def main(argv=None):
     else:
         raise UserError("say what to train: --config=NAME (a file in configs/) or --rundir=RUN to resume")
     config = apply_overrides(config, overrides)
+    if config.init_from and not args.help:
+        # Fine-tuning: the model's shapes come from the checkpoint, the rest of its settings
+        # (dropout, compute_dtype, ...) from the config file and the overrides.
+        import gpt2
+
+        checkpoint, _ = gpt2.read_config(gpt2.resolve(config.init_from))
+        config = dataclasses.replace(config, model=gpt2.with_shapes_of(config.model, checkpoint))
     if args.help:
         parser.print_help()
         print("\nconfig fields (override with --key=value):")

@@ -37,6 +37,11 @@ class GPTConfig:
     remat: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     unroll_layers: bool = True  # unroll the layer scan when compiling: faster steps, longer compiles
     compute_dtype: str = "bfloat16"  # "bfloat16" or "float32"; parameters stay float32
+    # Architecture switches; GPT-2 itself is GPT2_ARCHITECTURE (below), so its weights load
+    position_embedding: str = "rope"  # "rope" (rotary, inside attention) or "learned" (GPT-2)
+    norm: str = "rms"  # "rms" (RMSNorm, a gain only) or "layer" (LayerNorm, as GPT-2)
+    bias: bool = False  # biases on every linear layer and LayerNorm (GPT-2 has them)
+    norm_eps: float = 1e-6  # added to the variance in every norm (GPT-2: 1e-5)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -44,6 +49,12 @@ class GPTConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if not self.rope_base > 1:
             raise ValueError(f"rope_base={self.rope_base}: must be > 1")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps={self.norm_eps}: must be > 0")
+        if self.position_embedding not in ("rope", "learned"):
+            raise ValueError(f"position_embedding={self.position_embedding!r}: use 'rope' or 'learned'")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"norm={self.norm!r}: use 'rms' or 'layer'")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(
                 f"n_embd={self.n_embd} must split into n_head={self.n_head} heads of even size"
@@ -59,6 +70,13 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+# GPT-2 (Radford et al. 2019) as settings of the switches above: learned positions, LayerNorm
+# with biases and epsilon 1e-5, biases on every linear layer, no QK-norm, tied head. Its GELU is
+# the tanh approximation, which jax.nn.gelu computes by default (and this model always uses).
+GPT2_ARCHITECTURE = dict(position_embedding="learned", norm="layer", bias=True, norm_eps=1e-5,
+                         qk_norm=False, tie_embeddings=True)
 
 
 def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
@@ -87,16 +105,43 @@ class RMSNorm(eqx.Module):
         return (normed * self.weight.astype(jnp.float32)).astype(x.dtype)
 
 
+class LayerNorm(eqx.Module):
+    weight: Float[Array, " dim"]
+    bias: Float[Array, " dim"] | None
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, eps: float, bias: bool):
+        self.weight = jnp.ones(dim, jnp.float32)
+        self.bias = jnp.zeros(dim, jnp.float32) if bias else None
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*shape dim"]) -> Float[Array, "*shape dim"]:
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        out = normed * self.weight.astype(jnp.float32)
+        return (out if self.bias is None else out + self.bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def make_norm(config: "GPTConfig", dim: int) -> RMSNorm | LayerNorm:
+    if config.norm == "layer":
+        return LayerNorm(dim, config.norm_eps, config.bias)
+    return RMSNorm(dim, config.norm_eps)
+
+
 class Linear(eqx.Module):
-    """y = x @ weight, no bias; weight stored (in, out) so no transpose is needed."""
+    """y = x @ weight (+ bias); weight stored (in, out) so no transpose is needed."""
 
     weight: Float[Array, "d_in d_out"]
+    bias: Float[Array, " d_out"] | None
 
-    def __init__(self, d_in: int, d_out: int, std: float, *, key: PRNGKeyArray):
+    def __init__(self, d_in: int, d_out: int, std: float, bias: bool, *, key: PRNGKeyArray):
         self.weight = std * jr.normal(key, (d_in, d_out), jnp.float32)
+        self.bias = jnp.zeros(d_out, jnp.float32) if bias else None
 
     def __call__(self, x: Float[Array, "*shape d_in"]) -> Float[Array, "*shape d_out"]:
-        return x @ self.weight
+        y = x @ self.weight
+        return y if self.bias is None else y + self.bias
 
 
 def rope_table(positions: Int[Array, " seq"], head_dim: int, base: float):
@@ -132,20 +177,23 @@ class Attention(eqx.Module):
     def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
         k_qkv, k_proj = jr.split(key)
         d = config.n_embd
-        self.qkv = Linear(d, 3 * d, 0.02, key=k_qkv)
+        self.qkv = Linear(d, 3 * d, 0.02, config.bias, key=k_qkv)
         # GPT-2: residual output projections scaled by 1/sqrt(2 * n_layer) (two per block)
-        self.proj = Linear(d, d, 0.02 / math.sqrt(2 * config.n_layer), key=k_proj)
-        self.q_norm = RMSNorm(config.head_dim) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim) if config.qk_norm else None
+        self.proj = Linear(d, d, 0.02 / math.sqrt(2 * config.n_layer), config.bias, key=k_proj)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.config = config
 
     def qkv_heads(self, x: Float[Array, "seq d"], cos, sin):
-        """q, k, v as (seq, head, head_dim), with QK-norm and RoPE applied to q and k."""
+        """q, k, v as (seq, head, head_dim), with QK-norm and RoPE (cos is None: no RoPE)
+        applied to q and k."""
         seq = x.shape[0]
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
         q, k, v = (t.reshape(seq, self.config.n_head, self.config.head_dim) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cos is None:
+            return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def __call__(self, x: Float[Array, "seq d"], cos, sin, *, key=None) -> Float[Array, "seq d"]:
@@ -180,8 +228,8 @@ class MLP(eqx.Module):
     def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
         k_fc, k_proj = jr.split(key)
         d = config.n_embd
-        self.fc = Linear(d, 4 * d, 0.02, key=k_fc)
-        self.proj = Linear(4 * d, d, 0.02 / math.sqrt(2 * config.n_layer), key=k_proj)
+        self.fc = Linear(d, 4 * d, 0.02, config.bias, key=k_fc)
+        self.proj = Linear(4 * d, d, 0.02 / math.sqrt(2 * config.n_layer), config.bias, key=k_proj)
 
     def __call__(self, x: Float[Array, "seq d"]) -> Float[Array, "seq d"]:
         # Checkpointed: the backward keeps only the GELU's input, not the ~5 intermediates of its
@@ -191,17 +239,17 @@ class MLP(eqx.Module):
 
 
 class Block(eqx.Module):
-    attn_norm: RMSNorm
+    attn_norm: RMSNorm | LayerNorm
     attn: Attention
-    mlp_norm: RMSNorm
+    mlp_norm: RMSNorm | LayerNorm
     mlp: MLP
     dropout: float = eqx.field(static=True)
 
     def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
         k_attn, k_mlp = jr.split(key)
-        self.attn_norm = RMSNorm(config.n_embd)
+        self.attn_norm = make_norm(config, config.n_embd)
         self.attn = Attention(config, key=k_attn)
-        self.mlp_norm = RMSNorm(config.n_embd)
+        self.mlp_norm = make_norm(config, config.n_embd)
         self.mlp = MLP(config, key=k_mlp)
         self.dropout = config.dropout
 
@@ -292,17 +340,22 @@ def cast_floats(tree, dtype):
 
 class GPT(eqx.Module):
     embed: Float[Array, "vocab d"]
+    pos_embed: Float[Array, "block d"] | None  # learned positions; None with RoPE
     blocks: Block  # a stack: every array has a leading n_layer axis
-    final_norm: RMSNorm
+    final_norm: RMSNorm | LayerNorm
     lm_head: Float[Array, "d vocab"] | None  # None when tied to embed
     config: GPTConfig = eqx.field(static=True)
 
     def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
-        k_embed, k_blocks, k_head = jr.split(key, 3)
+        k_embed, k_pos, k_blocks, k_head = jr.split(key, 4)
         self.embed = 0.02 * jr.normal(k_embed, (config.vocab_size, config.n_embd), jnp.float32)
+        self.pos_embed = None
+        if config.position_embedding == "learned":
+            shape = (config.block_size, config.n_embd)
+            self.pos_embed = 0.02 * jr.normal(k_pos, shape, jnp.float32)
         make_block = lambda k: Block(config, key=k)  # noqa: E731
         self.blocks = eqx.filter_vmap(make_block)(jr.split(k_blocks, config.n_layer))
-        self.final_norm = RMSNorm(config.n_embd)
+        self.final_norm = make_norm(config, config.n_embd)
         if config.tie_embeddings:
             self.lm_head = None
         else:
@@ -322,9 +375,12 @@ class GPT(eqx.Module):
         config = self.config
         model = cast_floats(self, jnp.dtype(config.compute_dtype))
         k_embed, k_blocks = split_key(key, 2)
-        x = dropout(x.astype(jnp.dtype(config.compute_dtype)), config.dropout, k_embed)
-        positions = jnp.arange(x.shape[0])
-        cos, sin = rope_table(positions, config.head_dim, config.rope_base)
+        x = x.astype(jnp.dtype(config.compute_dtype))
+        if model.pos_embed is not None:
+            # A slice, not a lookup: its gradient is a sum over the batch, not a scatter-add.
+            x = x + model.pos_embed[: x.shape[0]]
+        x = dropout(x, config.dropout, k_embed)
+        cos, sin = self.rotary(jnp.arange(x.shape[0]))
 
         block_params, block_static = eqx.partition(model.blocks, eqx.is_array)
         layer_keys = None if k_blocks is None else jr.split(k_blocks, config.n_layer)
@@ -341,6 +397,12 @@ class GPT(eqx.Module):
         # 90 ms/step (shared/measurements). The program is still traced once per block.
         x, _ = jax.lax.scan(run_block, x, (block_params, layer_keys), unroll=config.unroll_layers)
         return model.final_norm(x)
+
+    def rotary(self, positions: Int[Array, " seq"]):
+        """RoPE's (cos, sin) for these positions, or (None, None) with learned positions."""
+        if self.config.position_embedding != "rope":
+            return None, None
+        return rope_table(positions, self.config.head_dim, self.config.rope_base)
 
     def logits(self, x: Float[Array, "*seq d"]) -> Float[Array, "*seq vocab"]:
         """Next-token logits in x's dtype (the compute dtype): cross_entropy reads them in float32
@@ -369,8 +431,9 @@ def num_params(model: GPT, non_embedding: bool = False) -> int:
     """Parameter count (works on abstract models from eqx.filter_eval_shape too)."""
     is_param = lambda x: isinstance(x, (jax.Array, jax.ShapeDtypeStruct))  # noqa: E731
     total = sum(math.prod(a.shape) for a in jax.tree.leaves(model) if is_param(a))
-    if non_embedding:
+    if non_embedding:  # lookups, not matmuls (as nanoGPT counts)
         total -= math.prod(model.embed.shape)
+        total -= 0 if model.pos_embed is None else math.prod(model.pos_embed.shape)
     return total
 
 
@@ -420,7 +483,7 @@ def extend(
     config = model.config
     model = cast_floats(model, jnp.dtype(config.compute_dtype))  # a no-op if already cast
     positions = cache.length + jnp.arange(tokens.shape[0])
-    cos, sin = rope_table(positions, config.head_dim, config.rope_base)
+    cos, sin = model.rotary(positions)
     # Query i sees slots 0..length+i: the cached tokens, the new ones up to itself, never the
     # stale or empty slots after them.
     mask = jnp.arange(config.block_size)[None, :] <= positions[:, None]  # (seq, block_size)
@@ -438,8 +501,11 @@ def extend(
         x = x + block.mlp(block.mlp_norm(x))
         return x, (k_cache, v_cache)
 
+    x = model.embed[tokens]
+    if model.pos_embed is not None:
+        x = x + jax.lax.dynamic_slice_in_dim(model.pos_embed, cache.length, tokens.shape[0])
     layers = (block_params, cache.k, cache.v)
-    x, (k, v) = jax.lax.scan(run_block, model.embed[tokens], layers, unroll=config.unroll_layers)
+    x, (k, v) = jax.lax.scan(run_block, x, layers, unroll=config.unroll_layers)
     logits = model.logits(model.final_norm(x)).astype(jnp.float32)
     return logits, KVCache(k, v, cache.length + tokens.shape[0])
 

@@ -3,10 +3,12 @@
     python sample.py --rundir=runs/shakespeare_char
     python sample.py --rundir=runs/shakespeare_char --start="ROMEO:" --temperature=0 --num_samples=1
     python sample.py --rundir=runs/owt --start=FILE:prompt.txt --top_p=0.9 --checkpoint=best
+    python sample.py --init_from=gpt2 --start="ROMEO:"     # OpenAI's GPT-2, downloaded (gpt2.py)
     python sample.py --benchmark          # tokens/s of cached vs naive decoding (BENCHMARKS.md)
 
 Only the samples go to stdout, each followed by a line of dashes (as in nanoGPT), so the output
-can be piped; progress goes to stderr. The tokenizer comes from the run's data directory.
+can be piped; progress goes to stderr. The tokenizer comes from the run's data directory
+(GPT-2's BPE for --init_from).
 """
 
 import argparse
@@ -35,7 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the model sees between block_size/2 and block_size tokens of context. A prompt longer "
         "than block_size is cut to its last block_size tokens.",
     )
-    parser.add_argument("--rundir", help="a run directory made by launch.py (required)")
+    parser.add_argument("--rundir", help="a run directory made by launch.py")
+    parser.add_argument("--init_from", help="or GPT-2 weights: a directory with config.json and "
+                        "model.safetensors (Hugging Face's layout), or gpt2, gpt2-medium, "
+                        "gpt2-large, gpt2-xl (downloaded)")
     parser.add_argument("--start", default="\n",
                         help='the prompt, or FILE:path to read it from a file (default "\\n")')
     parser.add_argument("--num_samples", type=int, default=3, help="samples to draw (default 3)")
@@ -62,8 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "of this shape (default shakespeare_char; no --rundir; uses "
                         "--max_new_tokens, --num_samples and --dtype, default float32) and exit")
     args = parser.parse_args(argv)
-    if not args.benchmark and not args.rundir:
-        raise UserError("say which run to sample from: --rundir=RUN (a directory made by launch.py)")
+    if not args.benchmark and bool(args.rundir) == bool(args.init_from):
+        raise UserError("say what to sample from: --rundir=RUN (a directory made by launch.py) "
+                        "or --init_from=GPT2 (a GPT-2 directory or name), one of the two")
     for name, ok, rule in [
         ("num_samples", args.num_samples >= 1, ">= 1"),
         ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"),
@@ -128,25 +134,34 @@ def main(argv=None) -> None:
     if args.benchmark:
         return benchmark(args.benchmark, args.max_new_tokens, args.num_samples,
                          args.dtype or "float32")
-    import train  # here: --benchmark and --help need neither orbax nor the training code
+    if args.init_from:  # GPT-2's own weights: its BPE, its vocabulary
+        import gpt2
 
-    config = train.read_run_config(Path(args.rundir))
-    tokenizer, meta = load_tokenizer(config.data_dir, args.rundir)
-    prompt = tokenizer.encode(read_prompt(args.start))  # UserError naming unknown characters
+        model, vocab_size = gpt2.load(args.init_from)
+        tokenizer, source = data.GPT2Tokenizer(), f"GPT-2 weights {args.init_from}"
+        prompt = tokenizer.encode(read_prompt(args.start))
+    else:
+        import train  # here: --benchmark and --help need neither orbax nor the training code
+
+        config = train.read_run_config(Path(args.rundir))
+        tokenizer, meta = load_tokenizer(config.data_dir, args.rundir)
+        vocab_size = meta["vocab_size"]
+        prompt = tokenizer.encode(read_prompt(args.start))  # UserError naming unknown characters
+        step = checkpoint_step(train, Path(args.rundir), args.checkpoint)
+        _, model = train.load_model(args.rundir, str(step))
+        source = f"{args.rundir} (checkpoint at step {step})"
     if len(prompt) == 0:
         raise UserError("the prompt encodes to no tokens: pass a longer --start")
-
-    step = checkpoint_step(train, Path(args.rundir), args.checkpoint)
-    _, model = train.load_model(args.rundir, str(step))
-    if args.dtype and args.dtype != model.config.compute_dtype:
-        model = with_config(model, dataclasses.replace(model.config, compute_dtype=args.dtype))
-    status(f"sampling {args.num_samples} x {args.max_new_tokens} tokens from {args.rundir} "
-           f"(checkpoint at step {step}, {model.config.compute_dtype}, prompt of {len(prompt)} "
-           f"tokens, block_size {model.config.block_size})")
+    dtype = args.dtype or ("float32" if args.init_from else model.config.compute_dtype)
+    if dtype != model.config.compute_dtype:
+        model = with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))
+    status(f"sampling {args.num_samples} x {args.max_new_tokens} tokens from {source}, "
+           f"{model.config.compute_dtype}, prompt of {len(prompt)} tokens, block_size "
+           f"{model.config.block_size}")
 
     t0 = time.perf_counter()
     # a vocab_size rounded up past the tokenizer's (GPT-2: 50257 -> 50304) must not be sampled
-    vocab_limit = meta["vocab_size"] if meta["vocab_size"] < model.config.vocab_size else None
+    vocab_limit = vocab_size if vocab_size < model.config.vocab_size else None
     keys = sample_keys(args.seed, args.num_samples)
     ids = generate_samples(model, jnp.asarray(prompt, jnp.int32), keys, args.max_new_tokens,
                            args.temperature, args.top_k, args.top_p, vocab_limit)

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import data
+import gpt2
 from cli import UserError
 from model import GPT, GPTConfig, flops_per_token, loss_fn, num_params
 
@@ -63,6 +64,7 @@ class TrainConfig:
     log_interval: int = 10  # steps between console/TensorBoard lines (the only host syncs)
     keep_checkpoints: int = 3  # latest checkpoints kept, plus the best by val loss
     seed: int = 1337  # parameters, dropout and batch order
+    init_from: str = ""  # GPT-2 weights to start from: a directory, or gpt2, gpt2-medium, ...
     # The step has no atomics of its own (model.embed): shakespeare_char reruns bit for bit on a
     # GPU. GPT-2 124M did not (|diff| 5e-7 after 3 steps): cuDNN attention's backward or split-K
     # matmuls. XLA's deterministic kernels cost +10.6% on the earlier step (shared/measurements).
@@ -228,9 +230,14 @@ def abstract_state(config: TrainConfig, mesh):
 
 
 def init_state(config: TrainConfig, abstract_params, abstract_opt, optimizer):
-    """Initialises every parameter directly into its shard: no device ever holds the whole model."""
-    make_params = lambda key: eqx.filter(GPT(config.model, key=key), eqx.is_array)  # noqa: E731
-    params = jax.jit(make_params, out_shardings=shardings_of(abstract_params))(jr.key(config.seed))
+    """Initialises every parameter directly into its shard: no device ever holds the whole model.
+    With init_from, the parameters are GPT-2's, read on the host and placed into their shards."""
+    if config.init_from:
+        pretrained, _ = gpt2.load(config.init_from, config.model)
+        params = jax.device_put(eqx.filter(pretrained, eqx.is_array), shardings_of(abstract_params))
+    else:
+        make_params = lambda key: eqx.filter(GPT(config.model, key=key), eqx.is_array)  # noqa: E731
+        params = jax.jit(make_params, out_shardings=shardings_of(abstract_params))(jr.key(config.seed))
     opt_state = jax.jit(optimizer.init, out_shardings=shardings_of(abstract_opt))(params)
     return params, opt_state
 
@@ -498,6 +505,10 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     if config.model.vocab_size < meta["vocab_size"]:
         raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the data's "
                         f"vocabulary ({meta['vocab_size']}): raise --model.vocab_size")
+    if config.init_from and meta["tokenizer"] != "gpt2":
+        raise UserError(f"init_from={config.init_from} needs data in GPT-2's BPE, and "
+                        f"{config.data_dir} is tokenized '{meta['tokenizer']}': prepare it with "
+                        "--tokenizer gpt2")
     mesh = make_mesh(config)
     check_rundir(config, rundir)
 

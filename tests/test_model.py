@@ -292,7 +292,8 @@ def test_unrolled_layers_compute_what_the_scan_computes():
 
 
 BAD_CONFIGS = [dict(n_embd=65), dict(attention="flash"), dict(compute_dtype="fp8"),
-               dict(dropout=1.0), dict(attn_dropout=-0.1)]
+               dict(dropout=1.0), dict(attn_dropout=-0.1), dict(position_embedding="alibi"),
+               dict(norm="batch"), dict(norm_eps=0.0), dict(n_layer=0)]
 
 
 @pytest.mark.parametrize("bad", BAD_CONFIGS)

@@ -1,0 +1,53 @@
+"""A run of the GPT-2 architecture -> Hugging Face's GPT-2 layout, which `transformers` loads.
+
+    python export.py --rundir=runs/finetune_shakespeare --out=exported/
+    python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('exported')"
+
+Writes config.json and model.safetensors (gpt2.py holds the names). The run's checkpoint is
+picked as sample.py picks it (--checkpoint); the vocabulary's padding rows (50304 -> 50257) are
+dropped. An existing --out is refused unless --overwrite.
+"""
+
+import sys
+from pathlib import Path
+
+from cli import ArgumentParser, UserError, run_cli
+
+
+def main(argv=None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rundir", required=True, help="a run directory made by launch.py")
+    parser.add_argument("--out", required=True, help="the directory to write")
+    parser.add_argument("--checkpoint", default="auto",
+                        help="latest, best or a step number (default: best if any has a val loss)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files in --out")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if any((out / name).exists() for name in ("config.json", "model.safetensors")) and not args.overwrite:
+        raise UserError(f"{out} already holds a model: pass --overwrite or another --out")
+
+    import data
+    import gpt2
+    import train
+    from sample import checkpoint_step
+
+    config = train.read_run_config(Path(args.rundir))
+    if not gpt2.is_gpt2(config.model):
+        raise UserError(f"{args.rundir} is not of the GPT-2 architecture (its model has "
+                        f"position_embedding={config.model.position_embedding!r}, "
+                        f"norm={config.model.norm!r}, bias={config.model.bias}, "
+                        f"qk_norm={config.model.qk_norm}): only such runs export to GPT-2's layout")
+    vocab_size = config.model.vocab_size
+    try:  # the tokenizer's vocabulary, without the padding rows
+        vocab_size = min(vocab_size, data.load_meta(config.data_dir)["vocab_size"])
+    except UserError:
+        pass  # the data directory is gone: keep every row
+    step = checkpoint_step(train, Path(args.rundir), args.checkpoint)
+    _, model = train.load_model(args.rundir, str(step))
+    gpt2.save(model, out, vocab_size)
+    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} (step {step}, "
+          f"vocabulary {vocab_size})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))
