@@ -347,7 +347,8 @@ class GPT(eqx.Module):
     config: GPTConfig = eqx.field(static=True)
 
     def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
-        k_embed, k_pos, k_blocks, k_head = jr.split(key, 4)
+        k_embed, k_blocks, k_head = jr.split(key, 3)
+        k_pos = jr.fold_in(k_embed, 1)  # not a 4-way split: RoPE models keep their old init
         self.embed = 0.02 * jr.normal(k_embed, (config.vocab_size, config.n_embd), jnp.float32)
         self.pos_embed = None
         if config.position_embedding == "learned":

@@ -4,6 +4,7 @@ Read top to bottom: TrainConfig -> mesh + sharding rule -> optimizer -> train/ev
 checkpoints -> `train(config, rundir)`. `launch.py` is the command line on top of `train`.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,6 +12,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 import data
 import gpt2
@@ -286,13 +289,15 @@ def eval_step(model, tokens, targets):
     return loss_fn(model, tokens[0], targets[0])
 
 
-def evaluate(model, samplers: dict, config: TrainConfig, to_global) -> dict[str, float]:
-    """Mean loss over the same eval_iters batches of each split every time: comparable over a run."""
+def evaluate(model, samplers: dict, config: TrainConfig, to_global, show=False) -> dict[str, float]:
+    """Mean loss over the same eval_iters batches of each split every time: comparable over a run.
+    show: a short progress bar per split (it counts batches sent, not finished: no sync)."""
     losses = {}
     for split, sampler in samplers.items():
-        batch_losses = [eval_step(model, *map(to_global, sampler.batch(i)))
-                        for i in range(config.eval_iters)]
-        losses[split] = float(jnp.mean(jnp.stack(batch_losses)))
+        batches = tqdm(range(config.eval_iters), desc=f"eval {split}", unit="batch", leave=False,
+                       file=sys.stdout, dynamic_ncols=True, disable=not show)
+        batch_losses = [eval_step(model, *map(to_global, sampler.batch(i))) for i in batches]
+        losses[split] = jax.device_get(jnp.mean(jnp.stack(batch_losses))).item()  # one sync
     return losses
 
 
@@ -328,7 +333,7 @@ def read_run_config(rundir: Path) -> TrainConfig:
 def check_rundir(config: TrainConfig, rundir: Path) -> None:
     """Refuses a run directory made by a different model before anything is written into it."""
     if not (rundir / "config.json").exists():
-        if (rundir / "checkpoints").exists():
+        if (rundir / "checkpoints").is_dir() and any((rundir / "checkpoints").iterdir()):
             raise UserError(f"{rundir} has checkpoints but no config.json: use a new --rundir")
         return
     previous = read_run_config(rundir)
@@ -497,10 +502,8 @@ def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]
     return rows
 
 
-def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
-    """Trains (or resumes) the run in rundir; returns the final model."""
-    rundir = Path(rundir)
-    is_main = jax.process_index() == 0
+def open_data(config: TrainConfig, mesh):
+    """(meta, train batches, the two eval splits' batches, to_global) over the prepared dataset."""
     meta = data.load_meta(config.data_dir)
     if config.model.vocab_size < meta["vocab_size"]:
         raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the data's "
@@ -509,8 +512,6 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         raise UserError(f"init_from={config.init_from} needs data in GPT-2's BPE, and "
                         f"{config.data_dir} is tokenized '{meta['tokenizer']}': prepare it with "
                         "--tokenizer gpt2")
-    mesh = make_mesh(config)
-    check_rundir(config, rundir)
 
     def sampler(split, seed, grad_accum):
         tokens = data.open_split(config.data_dir, split, meta)
@@ -526,60 +527,103 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         global_shape = (local.shape[0], config.batch_size, local.shape[2])
         return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
-    abstract_params, abstract_opt, static, optimizer = abstract_state(config, mesh)
-    set_aside = set_aside_incomplete_checkpoints(rundir) if is_main and not debug else []
+    return meta, train_batches, eval_batches, to_global
+
+
+def open_checkpoints(config: TrainConfig, rundir: Path) -> tuple[ocp.CheckpointManager, list]:
+    """The run's checkpoint manager, after half-written checkpoints are set aside."""
+    set_aside = set_aside_incomplete_checkpoints(rundir) if jax.process_index() == 0 else []
     if jax.process_count() > 1:  # the other hosts wait until process 0 has tidied up
         multihost_utils.sync_global_devices("incomplete checkpoints set aside")
-    manager = None if debug else checkpoint_manager(rundir, config.keep_checkpoints)
-    key_data = np.asarray(jr.key_data(jr.key(config.seed)))
-    start = 0
+    return checkpoint_manager(rundir, config.keep_checkpoints), set_aside
+
+
+def create_or_restore_state(config: TrainConfig, abstract, manager, train_batches):
+    """(params, opt_state, dropout key data, step): restored from the latest checkpoint (which
+    also moves train_batches on to its step), else initialised (or GPT-2's, with init_from)."""
+    abstract_params, abstract_opt, _, optimizer = abstract
     if manager is not None and manager.latest_step() is not None:
-        start = manager.latest_step()
-        params, opt_state, run_state = restore_checkpoint(manager, start, abstract_params, abstract_opt)
+        step = manager.latest_step()
+        params, opt_state, run_state = restore_checkpoint(manager, step, abstract_params, abstract_opt)
         train_batches.load_state_dict(run_state["sampler"])
-        key_data = np.asarray(run_state["key"], np.uint32)
-    else:
-        params, opt_state = init_state(config, abstract_params, abstract_opt, optimizer)
+        return params, opt_state, np.asarray(run_state["key"], np.uint32), step
+    params, opt_state = init_state(config, abstract_params, abstract_opt, optimizer)
+    return params, opt_state, np.asarray(jr.key_data(jr.key(config.seed))), 0
+
+
+@contextlib.contextmanager
+def run_outputs(config: TrainConfig, rundir: Path, meta: dict, progress_bar: bool):
+    """(log, writer, bar): log(line) prints a line and appends it to log.txt; writer takes
+    TensorBoard scalars; bar is the tqdm progress bar (disabled when stdout is no terminal).
+    Only process 0 writes. With the bar on, per-step lines go to log.txt only (the bar shows
+    them) and other lines are printed above it; log.txt never receives the bar's redraws."""
+    if jax.process_index() != 0:
+        yield (lambda line, step_line=False: None), None, tqdm(disable=True)
+        return
+    rundir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(rundir / "config.json", {
+        "config": dataclasses.asdict(config), "git_commit": git_commit(),
+        "data": {"dir": config.data_dir, "train_sha256": meta.get("train_sha256"),
+                 "val_sha256": meta.get("val_sha256")},
+    })
+    from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+
+    writer = SummaryWriter(str(rundir))
+    writer.add_text("config", "```\n" + json.dumps(dataclasses.asdict(config), indent=2) + "\n```")
+    bar = tqdm(total=config.max_steps, unit="step", file=sys.stdout, dynamic_ncols=True,
+               disable=not progress_bar, desc="compiling...")
+    with open(rundir / "log.txt", "a") as log_file, writer, bar:
+
+        def log(line: str, step_line: bool = False):
+            log_file.write(line + "\n")
+            log_file.flush()
+            if bar.disable:
+                print(line, flush=True)
+            elif not step_line:
+                bar.write(line, file=sys.stdout)
+
+        yield log, writer, bar
+
+
+def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
+    """Trains (or resumes) the run in rundir; returns the final model."""
+    rundir = Path(rundir)
+    mesh = make_mesh(config)
+    check_rundir(config, rundir)
+    meta, train_batches, eval_batches, to_global = open_data(config, mesh)
+    manager, set_aside = (None, []) if debug else open_checkpoints(config, rundir)
+    abstract = abstract_state(config, mesh)
+    params, opt_state, key_data, start = create_or_restore_state(config, abstract, manager,
+                                                                 train_batches)
+    abstract_params, _, static, optimizer = abstract
     model = eqx.combine(params, static)
     if start >= config.max_steps:  # a finished run, started again: nothing to write
         manager.close()
-        if is_main:
+        if jax.process_index() == 0:
             print(f"nothing to do: {rundir} is at step {start} of max_steps={config.max_steps} "
                   "(raise --max_steps to train on)", flush=True)
         return model
     train_step = make_train_step(config, optimizer, abstract_params)
+    with run_outputs(config, rundir, meta, sys.stdout.isatty()) as (log, writer, bar):
+        if set_aside:
+            log(f"incomplete checkpoints (a crash mid-save) moved to "
+                f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
+        log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
+            f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
+            f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
+            f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
+        return train_loop(config, rundir, debug, model, opt_state, key_data, start, train_step,
+                          (train_batches, eval_batches, to_global), manager, (log, writer, bar))
 
-    writer = None
-    if is_main:
-        rundir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(rundir / "config.json", {
-            "config": dataclasses.asdict(config), "git_commit": git_commit(),
-            "data": {"dir": config.data_dir, "train_sha256": meta.get("train_sha256"),
-                     "val_sha256": meta.get("val_sha256")},
-        })
-        from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
-        writer = SummaryWriter(str(rundir))
-        writer.add_text("config", "```\n" + json.dumps(dataclasses.asdict(config), indent=2) + "\n```")
-    log_file = open(rundir / "log.txt", "a") if is_main else None
-
-    def log(line: str):
-        if is_main:
-            print(line, flush=True)
-            log_file.write(line + "\n")
-            log_file.flush()
-
-    n_params = num_params(model, non_embedding=True)
+def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_step, data_in,
+               manager, outputs):
+    """The loop: one step per batch; every log_interval steps one host sync reads the metrics;
+    every eval_interval steps an evaluation and a checkpoint. Returns the final model."""
+    train_batches, eval_batches, to_global = data_in
+    log, writer, bar = outputs
     peak = peak_flops_per_device()
     flops_per_step = flops_per_token(config.model) * config.tokens_per_step
-    if set_aside:
-        log(f"incomplete checkpoints (a crash mid-save) moved to {rundir / 'incomplete_checkpoints'}: "
-            f"step directories {', '.join(set_aside)}")
-    log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
-        f"{n_params / 1e6:.2f}M non-embedding params | mesh {dict(mesh.shape)} on "
-        f"{jax.device_count()} {jax.devices()[0].platform} devices | "
-        f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
-
     pending, last_saved = [], (start or None)
 
     def save(val_loss=None):
@@ -594,10 +638,12 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             for name in ("loss", "lr", "grad_norm"):
                 writer.add_scalar(f"train/{name}", float(row[name]), row_step + 1)
         return rows
+
     step_timer, timed_from = time.perf_counter(), start
     profiling = False
     batches = train_batches.prefetch()
     step = start
+    bar.update(start)
     stop_requested, stop_listening = preemption_notice(manager)
     try:
         while step < config.max_steps:
@@ -607,9 +653,11 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             )
             pending.append((step, metrics))
             step += 1
+            bar.update(1)  # host-side only: the bar reads no metric here
             if step == start + 1:  # exclude compilation from the step times (and the profile)
                 jax.block_until_ready(metrics)
                 log(f"step {step}: compiled and ran in {time.perf_counter() - step_timer:.1f}s")
+                bar.set_description("training")
                 if debug:
                     jax.profiler.start_trace(str(rundir / "profile"))
                     profiling = True
@@ -631,7 +679,9 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                     mfu = flops_per_step / seconds / (peak * jax.device_count()) if peak else None
                     log(f"step {step} | loss {float(last['loss']):.4f} | lr {float(last['lr']):.2e} | "
                         f"grad norm {float(last['grad_norm']):.3f} | {seconds * 1e3:.1f} ms/step | "
-                        f"{tokens_per_s:,.0f} tok/s | MFU {'%.1f%%' % (100 * mfu) if mfu else 'n/a'}")
+                        f"{tokens_per_s:,.0f} tok/s | MFU {'%.1f%%' % (100 * mfu) if mfu else 'n/a'}",
+                        step_line=True)
+                    bar.set_postfix(loss=f"{float(last['loss']):.4f}", tok_s=f"{tokens_per_s:,.0f}")
                     if writer is not None:
                         writer.add_scalar("perf/ms_per_step", seconds * 1e3, step)
                         writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
@@ -642,7 +692,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             if step % config.eval_interval == 0 or step == config.max_steps:
                 flush()
                 eval_start = time.perf_counter()
-                losses = evaluate(model, eval_batches, config, to_global)
+                losses = evaluate(model, eval_batches, config, to_global, show=not bar.disable)
                 log(f"step {step} | eval: train {losses['train']:.4f} | val {losses['val']:.4f}")
                 if writer is not None:
                     writer.add_scalar("eval/train_loss", losses["train"], step)
@@ -678,8 +728,4 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         if manager is not None:
             manager.wait_until_finished()
             manager.close()
-        if writer is not None:
-            writer.close()
-        if log_file is not None:
-            log_file.close()
     return model

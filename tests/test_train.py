@@ -6,6 +6,7 @@ is imported, so the multi-device and multi-host checks run in subprocesses.
 """
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -145,6 +146,69 @@ def test_whole_run_compiles_the_train_step_once(data_dir, tmp_path, caplog):
     compiles = [r.message for r in caplog.records if r.message.startswith("Compiling jit(")]
     assert sum("jit(train_step)" in m for m in compiles) == 1, compiles
     assert sum("jit(eval_step)" in m for m in compiles) == 1, compiles  # evals reuse one too
+
+
+def test_the_loop_reads_the_device_only_through_its_log_and_eval_syncs(data_dir, tmp_path,
+                                                                       monkeypatch):
+    class Terminal(io.StringIO):  # a stdout that says it is a terminal: the progress bar is on
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    # A device array read by float(), bool(), int() or .item() waits for the device: the loop
+    # must read its metrics only through check_finite and evaluate's jax.device_get, once per
+    # log step and per evaluation. (jax's transfer guard would say so on a GPU, not on a CPU.)
+    array_type = type(jnp.zeros(()))
+    for method in ("__float__", "__bool__", "__int__", "item"):
+        def refuse(self, *args, _name=method):
+            raise AssertionError(f"{_name} of a device array: a host sync outside the log steps")
+        monkeypatch.setattr(array_type, method, refuse)
+    syncs = []
+    monkeypatch.setattr(jax, "device_get", lambda x, get=jax.device_get: syncs.append(1) or get(x))
+    config = tiny_config(data_dir, max_steps=12, eval_interval=6, log_interval=4, profile_steps=1)
+    train.train(config, tmp_path / "run", debug=True)  # debug: no checkpoints to write
+    assert len(syncs) == 12 // 4 + 2 + 2 * (12 // 6)  # log steps, evals' flushes, 2 splits each
+    shown = screen.getvalue()
+    assert "compiling..." in shown and "training: 100%" in shown and "12/12" in shown
+    assert "loss=" in shown and "tok_s=" in shown  # the postfix, from the log steps' metrics
+    assert "step 12 | eval:" in shown and "step 4 | loss" not in shown  # step lines: log.txt only
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "\r" not in log and "it/s" not in log and "step/s" not in log  # no bar redraws
+    assert "step 4 | loss" in log and "step 12 | eval:" in log
+
+
+@pytest.mark.slow
+def test_launch_in_a_terminal_shows_a_progress_bar_and_keeps_log_txt_clean(data_dir, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    rundir = tmp_path / "run"
+    args = [sys.executable, str(REPO / "launch.py"), "--config=shakespeare_char_cpu",
+            f"--data_dir={data_dir}", f"--rundir={rundir}", *TINY_OVERRIDES, "--max_steps=20",
+            "--eval_interval=10", "--log_interval=5"]
+    process = subprocess.Popen(args, cwd=REPO, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while chunk := read_or_eof(main):
+        shown += chunk
+    assert process.wait(timeout=300) == 0, shown.decode(errors="replace")
+    shown = shown.decode(errors="replace")
+    for seen in ("compiling...", "training: 100%", "20/20", "eval val", "step 20 | eval:"):
+        assert seen in shown, seen
+    log = (rundir / "log.txt").read_text()
+    assert "\r" not in log and "step 20 | loss" in log and "step 20 | eval:" in log
+
+
+def read_or_eof(fd) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # the terminal's other end closed: Linux says EIO
+        return b""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,3 +578,23 @@ def test_incomplete_checkpoints_are_set_aside_and_the_newest_complete_one_is_use
     assert train.checkpoint_manager(tmp_path).latest_step() == 2
     aside = sorted(p.name for p in (tmp_path / "incomplete_checkpoints").iterdir())
     assert [name.split("-")[0] for name in aside] == ["3", "4.orbax"]  # moved, not deleted
+
+
+def test_plot_run_reads_every_logged_scalar_and_says_when_matplotlib_is_missing(tmp_path):
+    import plot_run
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step in range(1, 4):
+            writer.add_scalar("train/loss", 4.0 - step, step)
+        writer.add_scalar("eval/val_loss", 2.5, 3)
+    scalars = plot_run.read_scalars(tmp_path)
+    assert scalars["train/loss"] == ([1, 2, 3], [3.0, 2.0, 1.0])
+    assert scalars["eval/val_loss"] == ([3], [2.5])
+    with pytest.raises(train.UserError, match="no TensorBoard events"):
+        plot_run.read_scalars(tmp_path / "empty")
+    # matplotlib is this script's own optional dependency: without it, one line and exit 2
+    script = ("import sys, runpy; sys.modules['matplotlib'] = None; "
+              f"sys.argv = ['plot_run.py', '--rundir={tmp_path}']; "
+              "runpy.run_path('plot_run.py', run_name='__main__')")
+    assert_one_line_error(run(["-c", script]), "pip install matplotlib")
