@@ -85,11 +85,40 @@ def cross_entropy_optax(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+def dropout_rbg(x, rate, key, impl="rbg"):  # masks from XLA's RngBitGenerator, not threefry
+    if key is None or rate == 0.0:
+        return x
+    rbg_key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl=impl)
+    keep = jax.random.bernoulli(rbg_key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def dropout_unsafe_rbg(x, rate, key):
+    return dropout_rbg(x, rate, key, impl="unsafe_rbg")
+
+
+def dropout_bits(x, rate, key):  # threefry bits compared with an integer threshold: no floats
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bits(key, x.shape, jnp.uint32) >= jnp.uint32(round(rate * 2**32))
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), 0).astype(x.dtype)
+
+
+def rmsnorm_apply_in_compute_dtype(self, x):  # float32 statistics, the scaling in bf16
+    x32 = x.astype(jnp.float32)
+    scale = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return x * scale.astype(x.dtype) * self.weight.astype(x.dtype)
+
+
 PATCHES = {
     "embed=scatter-add": {"embed": embed_scatter_add},
     "embed=segment_sum": {"embed": embed_segment_sum},
     "embed=one-hot": {"embed": embed_one_hot},
     "logits=float32": {"GPT.logits": logits_float32, "cross_entropy": cross_entropy_optax},
+    "dropout=rbg": {"dropout": dropout_rbg},
+    "dropout=unsafe_rbg": {"dropout": dropout_unsafe_rbg},
+    "dropout=bits": {"dropout": dropout_bits},
+    "norm=bf16-apply": {"RMSNorm.__call__": rmsnorm_apply_in_compute_dtype},
 }
 
 
@@ -98,8 +127,10 @@ def patched(names: list[str]):
     undo = []
     for name in names:
         for attr, fn in PATCHES[name].items():
-            owner = model.GPT if attr.startswith("GPT.") else model
-            attr = attr.removeprefix("GPT.")
+            owner = model  # "Class.method" patches a method of model.Class
+            if "." in attr:
+                class_name, attr = attr.split(".")
+                owner = getattr(model, class_name)
             undo.append((owner, attr, getattr(owner, attr)))
             setattr(owner, attr, fn)
 
