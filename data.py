@@ -6,6 +6,14 @@ A dataset is a directory `data/<name>/` with three files:
   meta.json           {"tokenizer": "char"|"gpt2", "chars" (char only), "vocab_size", "dtype",
                       "train_tokens", "val_tokens", "train_sha256", "val_sha256", "source", ...}
 meta.json is written last, so a directory that has one is complete. JSON only, never pickle.
+
+A dataset of fixed-length examples (prepare_addition.py, prepare_digits.py) says so in meta.json:
+  example_length      the splits are whole examples of this many tokens back to back; every
+                      batch row is exactly one example (block_size = example_length - 1)
+  loss_mask           0/1 for each of an example's example_length - 1 targets: 0 turns that
+                      target into IGNORE, which the loss skips (e.g. the question of a problem)
+  completion_eval     {"prompt_length": P}: at the end of training, each val example is decoded
+                      greedily from its first P tokens and scored by exact match (train.py)
 prepare_*.py write datasets with DatasetWriter; training reads them with load_meta, open_split
 and BatchSampler; sampling encodes prompts with load_tokenizer.
 """
@@ -31,7 +39,10 @@ PREPARE_COMMANDS = {
     "shakespeare_char": "python prepare_shakespeare.py",
     "shakespeare": "python prepare_shakespeare.py --tokenizer gpt2",
     "openwebtext": "python prepare_openwebtext.py",
+    "addition": "python prepare_addition.py",
+    "digits": "python prepare_digits.py",
 }
+IGNORE = -1  # a target no loss counts (as nanoGPT's ignore_index=-1): model.loss_fn skips it
 
 
 def prepare_command(data_dir) -> str:
@@ -201,7 +212,30 @@ def load_meta(data_dir, verify_hashes: bool = False) -> dict:
                             f"(truncated, or from another dataset): rerun `{cmd} --overwrite`")
         if verify_hashes and sha256_file(path) != meta.get(f"{s}_sha256"):
             raise UserError(f"{path} does not match its sha256 in meta.json: rerun `{cmd} --overwrite`")
+    if problem := _example_layout_problem(meta):
+        raise UserError(f"{data_dir}/meta.json: {problem}: rerun `{cmd} --overwrite`")
     return meta
+
+
+def _example_layout_problem(meta: dict) -> str | None:
+    """What is wrong with meta's example_length, loss_mask and completion_eval, if anything."""
+    length = meta.get("example_length")
+    for key in ("loss_mask", "completion_eval"):
+        if key in meta and length is None:
+            return f"{key} needs example_length"
+    if length is None:
+        return None
+    if not isinstance(length, int) or length < 2:
+        return f"example_length {length!r} is not an integer >= 2"
+    if any(meta[f"{s}_tokens"] % length for s in SPLITS):
+        return f"a split is not a whole number of examples of {length} tokens"
+    mask = meta.get("loss_mask")
+    if mask is not None and (len(mask) != length - 1 or set(mask) - {0, 1} or not any(mask)):
+        return f"loss_mask must be {length - 1} zeros and ones, at least one 1"
+    prompt = meta.get("completion_eval", {}).get("prompt_length", 1)
+    if not isinstance(prompt, int) or not 1 <= prompt < length:
+        return f"completion_eval's prompt_length must be an integer in [1, {length})"
+    return None
 
 
 def open_split(data_dir, split: str, meta: dict) -> np.ndarray:
@@ -259,6 +293,9 @@ def load_tokenizer(meta: dict):
 class BatchSampler:
     """Random contiguous windows of block_size+1 tokens: x = window[:-1], y = window[1:].
 
+    With example_length (a dataset of fixed-length examples), each window is one whole example,
+    and loss_mask (one 0/1 per target) turns the targets it zeroes into IGNORE.
+
     A batch is a pure function of (seed, step), so resuming from {"seed", "step"} is exact and a
     prefetch thread can run ahead without sharing RNG state. batch_size is the global micro-batch;
     process p of P keeps rows [p*B/P, (p+1)*B/P), so together the processes hold exactly the
@@ -266,7 +303,8 @@ class BatchSampler:
     """
 
     def __init__(self, tokens, block_size: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, *, example_length: int | None = None,
+                 loss_mask=None):
         if min(block_size, batch_size, grad_accum, process_count) < 1 or not 0 <= process_index < process_count:
             raise UserError(f"bad batch settings: block_size {block_size}, batch_size {batch_size}, "
                             f"grad_accum {grad_accum}, process {process_index} of {process_count}")
@@ -277,6 +315,11 @@ class BatchSampler:
             name = Path(tokens.filename).name if getattr(tokens, "filename", None) else "the data"
             raise UserError(f"block_size {block_size} is larger than the data ({len(tokens)} tokens in "
                             f"{name}): lower --model.block_size")
+        if example_length is not None and example_length != block_size + 1:
+            raise UserError(f"the data holds examples of {example_length} tokens, a batch row is one: "
+                            f"set --model.block_size={example_length - 1} (it is {block_size})")
+        self.example_length = example_length
+        self.loss_mask = None if loss_mask is None else np.asarray(loss_mask, bool)
         self.tokens, self.block_size, self.batch_size, self.grad_accum = tokens, block_size, batch_size, grad_accum
         self.seed, self.step = seed, 0
         rows = batch_size // process_count
@@ -286,12 +329,20 @@ class BatchSampler:
         """(x, y), each (grad_accum, batch_size // process_count, block_size) int32."""
         rng = np.random.default_rng([self.seed, step])
         # every process draws all the starts and keeps its rows: one stream at any process count
-        starts = rng.integers(0, len(self.tokens) - self.block_size, size=(self.grad_accum, self.batch_size))
+        shape = (self.grad_accum, self.batch_size)
+        if self.example_length:  # the start of a random whole example
+            starts = rng.integers(0, len(self.tokens) // self.example_length, size=shape)
+            starts *= self.example_length
+        else:
+            starts = rng.integers(0, len(self.tokens) - self.block_size, size=shape)
         starts = starts[:, self.rows]
         window = np.empty(starts.shape + (self.block_size + 1,), np.int32)
         for i, s in np.ndenumerate(starts):
             window[i] = self.tokens[s : s + self.block_size + 1]  # one contiguous read per row
-        return window[..., :-1], window[..., 1:]
+        x, y = window[..., :-1], window[..., 1:]
+        if self.loss_mask is not None:
+            y = np.where(self.loss_mask, y, IGNORE).astype(np.int32)
+        return x, y
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "step": self.step}

@@ -419,13 +419,18 @@ def loss_fn(
     *,
     key: PRNGKeyArray | None = None,
 ) -> Float[Array, ""]:
-    """Mean next-token cross entropy over a batch, in float32."""
+    """Mean next-token cross entropy over a batch, in float32, over the targets >= 0: a negative
+    target (data.IGNORE, as nanoGPT's ignore_index=-1) is a position no loss counts, such as the
+    question of an addition problem. On text, where every target counts, the mask costs three
+    elementwise passes over (batch, seq), nothing over the vocabulary."""
     x = embed(model.embed, tokens)  # over the whole batch: one sorted sum in the backward
     if key is None:
         x = jax.vmap(lambda x: model.hidden(x))(x)
     else:
         x = jax.vmap(lambda x, k: model.hidden(x, key=k))(x, jr.split(key, tokens.shape[0]))
-    return cross_entropy(model.logits(x), targets).mean()
+    counted = targets >= 0
+    losses = cross_entropy(model.logits(x), jnp.where(counted, targets, 0))
+    return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
 
 
 def num_params(model: GPT, non_embedding: bool = False) -> int:

@@ -4,23 +4,29 @@
     python sample.py --rundir=runs/shakespeare_char --start="ROMEO:" --temperature=0 --num_samples=1
     python sample.py --rundir=runs/owt --start=FILE:prompt.txt --top_p=0.9 --checkpoint=best
     python sample.py --init_from=gpt2 --start="ROMEO:"     # OpenAI's GPT-2, downloaded (gpt2.py)
+    python sample.py --rundir=runs/digits --num_samples=8     # images (prepare_digits.py): a PNG
     python sample.py --benchmark          # tokens/s of cached vs naive decoding (BENCHMARKS.md)
 
 Only the samples go to stdout, each followed by a line of dashes (as in nanoGPT), so the output
 can be piped; progress goes to stderr. The tokenizer comes from the run's data directory
-(GPT-2's BPE for --init_from).
+(GPT-2's BPE for --init_from). A run on images (a "pixels" dataset) draws images instead of text
+and writes them as one PNG grid, a row per class label when the data has labels.
 """
 
 import argparse
 import dataclasses
+import os
+import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 
 import data
 from cli import ArgumentParser, UserError, run_cli
@@ -59,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="latest, best (lowest val loss) or a step number (default: best "
                         "when a checkpoint has a val loss, as nanoGPT keeps only its best; "
                         "else latest)")
+    parser.add_argument("--out", help="images only (a run on a pixels dataset): the PNG to write "
+                        "(default RUNDIR/samples.png); --start=LABEL draws that class only")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"),
                         help="compute dtype (default: the run's model.compute_dtype)")
     parser.add_argument("--benchmark", choices=tuple(BENCHMARK_SHAPES), nargs="?",
@@ -99,7 +107,7 @@ def load_tokenizer(data_dir: str, rundir: str):
     except UserError as e:
         raise UserError(f"{e} (sample.py reads the tokenizer from {rundir}'s data directory "
                         f"{data_dir}; a relative path is relative to where you run it)") from None
-    return data.load_tokenizer(meta), meta
+    return (None if meta["tokenizer"] == "pixels" else data.load_tokenizer(meta)), meta
 
 
 @eqx.filter_jit
@@ -146,8 +154,11 @@ def main(argv=None) -> None:
         config = train.read_run_config(Path(args.rundir))
         tokenizer, meta = load_tokenizer(config.data_dir, args.rundir)
         vocab_size = meta["vocab_size"]
-        prompt = tokenizer.encode(read_prompt(args.start))  # UserError naming unknown characters
         step = checkpoint_step(train, Path(args.rundir), args.checkpoint)
+        if meta["tokenizer"] == "pixels":
+            _, model = train.load_model(args.rundir, str(step))
+            return sample_images(args, model, meta, f"{args.rundir} (checkpoint at step {step})")
+        prompt = tokenizer.encode(read_prompt(args.start))  # UserError naming unknown characters
         _, model = train.load_model(args.rundir, str(step))
         source = f"{args.rundir} (checkpoint at step {step})"
     if len(prompt) == 0:
@@ -171,6 +182,79 @@ def main(argv=None) -> None:
         print(tokenizer.decode(prompt + [int(i) for i in row]))
         print(SEPARATOR, flush=True)
     status(f"{ids.size} tokens in {seconds:.1f}s, compilation included")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images (prepare_digits.py): pixel tokens in raster order after a label or start token
+
+
+def sample_images(args, model: GPT, meta: dict, source: str) -> np.ndarray:
+    """Draws num_samples images per class label (or unconditionally) and writes them as a PNG
+    grid, one row per prompt. Returns the pixel tokens, (rows, num_samples, height, width)."""
+    shape, levels = meta["image"], meta["image"]["levels"]
+    labels = meta.get("labels")
+    if labels:
+        chosen = labels if args.start == "\n" else [args.start]
+        if chosen[0] not in labels:
+            raise UserError(f"--start={args.start!r} is not a class label of this data: pass one "
+                            f"of {', '.join(labels)}, or no --start for every class")
+        prompts = [levels + labels.index(label) for label in chosen]
+    else:
+        if args.start != "\n":
+            raise UserError("this data has no class labels: drop --start")
+        chosen, prompts = ["(unconditional)"], [meta["start_token"]]
+    out = Path(args.out or Path(args.rundir) / "samples.png")
+    if args.dtype and args.dtype != model.config.compute_dtype:
+        model = with_config(model, dataclasses.replace(model.config, compute_dtype=args.dtype))
+    pixels = shape["height"] * shape["width"]
+    status(f"sampling {args.num_samples} images for each of {len(prompts)} prompts from {source}")
+    keys = sample_keys(args.seed, args.num_samples)
+    rows = []
+    for prompt in prompts:  # one compiled program: every prompt is one token
+        # vocab_limit: only pixel tokens (ids < levels) are drawn, never a label token
+        ids = generate_samples(model, jnp.asarray([prompt], jnp.int32), keys, pixels,
+                               args.temperature, args.top_k, args.top_p, levels)
+        rows.append(np.asarray(jax.device_get(ids)).reshape(args.num_samples, shape["height"],
+                                                            shape["width"]))
+    images = np.stack(rows)
+    write_png(out, image_grid(images, levels))
+    status(f"wrote {out}: {len(prompts)} rows ({', '.join(chosen)}) of {args.num_samples} images")
+    return images
+
+
+def image_grid(images: np.ndarray, levels: int, scale: int = 4, gap: int = 2) -> np.ndarray:
+    """(rows, cols, h, w) pixel levels -> one greyscale uint8 picture, ink dark on white, each
+    pixel scale x scale, images gap pixels apart."""
+    rows, cols, h, w = images.shape
+    ink = 255 - np.rint(images * (255 / (levels - 1))).astype(np.uint8)  # level 0 is paper
+    cell_h, cell_w = h * scale + gap, w * scale + gap
+    grid = np.full((rows * cell_h + gap, cols * cell_w + gap), 255, np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            y, x = gap + r * cell_h, gap + c * cell_w
+            grid[y : y + h * scale, x : x + w * scale] = np.kron(ink[r, c], np.ones((scale, scale), np.uint8))
+    return grid
+
+
+def write_png(path: Path, grey: np.ndarray) -> None:
+    """An 8-bit greyscale PNG (the PNG spec's IHDR, IDAT, IEND chunks; zlib from the standard
+    library), written to a temporary file and renamed into place."""
+    height, width = grey.shape
+    scanlines = b"".join(b"\x00" + row.tobytes() for row in grey.astype(np.uint8))  # filter 0
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit, greyscale
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines))
+           + chunk(b"IEND", b""))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(png)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import data
 import gpt2
 from cli import UserError
-from model import GPT, GPTConfig, flops_per_token, loss_fn, num_params
+from model import GPT, GPTConfig, flops_per_token, generate, loss_fn, num_params
 
 # Orbax logs through absl, also for files it cannot parse; those failures reach the user as one
 # UserError line (restore_checkpoint), so its own log lines would only repeat them.
@@ -301,6 +301,32 @@ def evaluate(model, samplers: dict, config: TrainConfig, to_global, show=False) 
     return losses
 
 
+@eqx.filter_jit
+def greedy_completions(model, prompts, new_tokens: int, vocab_limit: int | None):
+    """(examples, new_tokens) greedy continuations of equal-length prompts, KV-cached, vmapped."""
+    key = jr.key(0)  # temperature 0 draws nothing
+
+    def one(prompt):
+        return generate(model, prompt, key, new_tokens, temperature=0.0, vocab_limit=vocab_limit)
+
+    return jax.vmap(one)(prompts)
+
+
+def completion_accuracy(model, examples: np.ndarray, prompt_length: int, vocab_limit=None,
+                        batch_size: int = 1024) -> tuple[int, int]:
+    """(correct, total) over examples (rows of tokens): a row is correct when its greedy
+    continuation from its first prompt_length tokens equals the rest of it, token for token."""
+    new_tokens = examples.shape[1] - prompt_length
+    correct = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        prompts = np.zeros((batch_size, prompt_length), np.int32)  # padded: one compiled shape
+        prompts[: len(chunk)] = chunk[:, :prompt_length]
+        out = np.asarray(jax.device_get(greedy_completions(model, prompts, new_tokens, vocab_limit)))
+        correct += int(np.all(out[: len(chunk)] == chunk[:, prompt_length:], axis=1).sum())
+    return correct, len(examples)
+
+
 # ---------------------------------------------------------------------------------------------
 # Run directory: config.json, orbax checkpoints, TensorBoard events, log.txt
 
@@ -516,7 +542,9 @@ def open_data(config: TrainConfig, mesh):
     def sampler(split, seed, grad_accum):
         tokens = data.open_split(config.data_dir, split, meta)
         return data.BatchSampler(tokens, config.model.block_size, config.batch_size, grad_accum,
-                                 seed, jax.process_index(), jax.process_count())
+                                 seed, jax.process_index(), jax.process_count(),
+                                 example_length=meta.get("example_length"),
+                                 loss_mask=meta.get("loss_mask"))
 
     train_batches = sampler("train", config.seed, config.grad_accum)
     eval_batches = {"train": sampler("train", config.seed + 1, 1),
@@ -613,14 +641,29 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
             f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
         return train_loop(config, rundir, debug, model, opt_state, key_data, start, train_step,
-                          (train_batches, eval_batches, to_global), manager, (log, writer, bar))
+                          (train_batches, eval_batches, to_global, meta), manager, (log, writer, bar))
+
+
+def exact_match(model, config: TrainConfig, meta: dict, step: int, log, writer) -> float:
+    """The dataset's completion_eval (meta.json): every val example decoded greedily from its
+    prompt, scored by exact match; logged, and written to TensorBoard as eval/exact_match."""
+    examples = np.asarray(data.open_split(config.data_dir, "val", meta), np.int32)
+    examples = examples.reshape(-1, meta["example_length"])
+    vocab_limit = meta["vocab_size"] if meta["vocab_size"] < config.model.vocab_size else None
+    correct, total = completion_accuracy(model, examples, meta["completion_eval"]["prompt_length"],
+                                         vocab_limit)
+    log(f"step {step} | exact match on val: {100 * correct / total:.2f}% ({correct:,} of "
+        f"{total:,} examples, greedy)")
+    if writer is not None:
+        writer.add_scalar("eval/exact_match", correct / total, step)
+    return correct / total
 
 
 def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_step, data_in,
                manager, outputs):
     """The loop: one step per batch; every log_interval steps one host sync reads the metrics;
     every eval_interval steps an evaluation and a checkpoint. Returns the final model."""
-    train_batches, eval_batches, to_global = data_in
+    train_batches, eval_batches, to_global, meta = data_in
     log, writer, bar = outputs
     peak = peak_flops_per_device()
     flops_per_step = flops_per_token(config.model) * config.tokens_per_step
@@ -700,6 +743,8 @@ def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_s
                 if manager is not None:
                     save(val_loss=losses["val"])
                     last_saved = step
+                if step == config.max_steps and "completion_eval" in meta:
+                    exact_match(model, config, meta, step, log, writer)
                 step_timer += time.perf_counter() - eval_start  # evaluation is not step time
 
             if step < config.max_steps and stop_requested(step):
