@@ -269,9 +269,10 @@ def embed(table: Float[Array, "vocab d"], tokens: Int[Array, "*shape"]) -> Float
 
     Autodiff turns a lookup into a scatter-add, whose atomics on a GPU collide on the frequent ids
     of real text (space, "e", "the") and add in a different order every run: GPT-2 124M on one
-    H100, real tokens, 136 -> 114 ms/step with a sorted sum instead, and bit-exact resumes
-    (shared/measurements). Call it on the whole batch, outside vmap: under vmap the backward would
-    build one (vocab, d) gradient per sequence.
+    H100, real tokens, 136 -> 114 ms/step with a sorted segment_sum instead (shared/measurements).
+    This sorted running sum has no atomics at all: with it the shakespeare_char step repeats bit
+    for bit on an H100, with the scatter-add it does not (BENCHMARKS.md). Call it on the whole
+    batch, outside vmap: under vmap the backward would build one (vocab, d) gradient per sequence.
     """
     return table[tokens]
 

@@ -121,6 +121,13 @@ def generate_samples(model: GPT, prompt, keys, max_new_tokens, temperature, top_
     return jax.vmap(one)(keys)
 
 
+def with_dtype(model: GPT, dtype: str | None) -> GPT:
+    """The same weights computing in dtype; None keeps the model's own compute_dtype."""
+    if dtype is None or dtype == model.config.compute_dtype:
+        return model
+    return with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))
+
+
 def checkpoint_step(train, rundir: Path, which: str) -> int:
     """The step to sample from: 'auto' is the best checkpoint by val loss if any has one."""
     if not (rundir / "checkpoints").is_dir():
@@ -163,9 +170,7 @@ def main(argv=None) -> None:
         source = f"{args.rundir} (checkpoint at step {step})"
     if len(prompt) == 0:
         raise UserError("the prompt encodes to no tokens: pass a longer --start")
-    dtype = args.dtype or ("float32" if args.init_from else model.config.compute_dtype)
-    if dtype != model.config.compute_dtype:
-        model = with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))
+    model = with_dtype(model, args.dtype or ("float32" if args.init_from else None))
     status(f"sampling {args.num_samples} x {args.max_new_tokens} tokens from {source}, "
            f"{model.config.compute_dtype}, prompt of {len(prompt)} tokens, block_size "
            f"{model.config.block_size}")
@@ -204,8 +209,7 @@ def sample_images(args, model: GPT, meta: dict, source: str) -> np.ndarray:
             raise UserError("this data has no class labels: drop --start")
         chosen, prompts = ["(unconditional)"], [meta["start_token"]]
     out = Path(args.out or Path(args.rundir) / "samples.png")
-    if args.dtype and args.dtype != model.config.compute_dtype:
-        model = with_config(model, dataclasses.replace(model.config, compute_dtype=args.dtype))
+    model = with_dtype(model, args.dtype)
     pixels = shape["height"] * shape["width"]
     status(f"sampling {args.num_samples} images for each of {len(prompts)} prompts from {source}")
     keys = sample_keys(args.seed, args.num_samples)

@@ -317,6 +317,7 @@ def completion_accuracy(model, examples: np.ndarray, prompt_length: int, vocab_l
     """(correct, total) over examples (rows of tokens): a row is correct when its greedy
     continuation from its first prompt_length tokens equals the rest of it, token for token."""
     new_tokens = examples.shape[1] - prompt_length
+    batch_size = min(batch_size, len(examples))
     correct = 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
@@ -649,9 +650,9 @@ def exact_match(model, config: TrainConfig, meta: dict, step: int, log, writer) 
     prompt, scored by exact match; logged, and written to TensorBoard as eval/exact_match."""
     examples = np.asarray(data.open_split(config.data_dir, "val", meta), np.int32)
     examples = examples.reshape(-1, meta["example_length"])
-    vocab_limit = meta["vocab_size"] if meta["vocab_size"] < config.model.vocab_size else None
+    # vocab_limit: a model.vocab_size padded past the data's is never decoded into padding
     correct, total = completion_accuracy(model, examples, meta["completion_eval"]["prompt_length"],
-                                         vocab_limit)
+                                         vocab_limit=meta["vocab_size"])
     log(f"step {step} | exact match on val: {100 * correct / total:.2f}% ({correct:,} of "
         f"{total:,} examples, greedy)")
     if writer is not None:

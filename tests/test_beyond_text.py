@@ -7,8 +7,6 @@ synthetic images in its place (and check the one-line error when it is missing).
 
 import json
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -26,21 +24,7 @@ import sample
 import train
 from cli import UserError
 from model import GPT, GPTConfig, loss_fn
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(word in lines[0] for word in words), lines[0]
-
+from test_train import assert_one_line_error, run, scalars
 
 # ---------------------------------------------------------------------------------------------
 # Addition: the dataset
@@ -71,10 +55,10 @@ def test_addition_holds_every_problem_once_split_by_problem_with_correct_sums(tm
 
 
 def test_addition_bad_arguments_are_one_line(tmp_path):
-    assert_one_line_error(run("prepare_addition.py", "--digits", "0", "--out_dir", tmp_path / "a"),
+    assert_one_line_error(run(["prepare_addition.py", "--digits", "0", "--out_dir", tmp_path / "a"]),
                           "--digits=0")
-    assert_one_line_error(run("prepare_addition.py", "--digits", "1", "--val_problems", "100",
-                              "--out_dir", tmp_path / "a"), "--val_problems=100")
+    assert_one_line_error(run(["prepare_addition.py", "--digits", "1", "--val_problems", "100",
+                              "--out_dir", tmp_path / "a"]), "--val_problems=100")
     assert not (tmp_path / "a").exists()
 
 
@@ -186,14 +170,12 @@ def test_completion_accuracy_counts_the_examples_whose_greedy_continuation_match
 
 @pytest.mark.slow
 def test_addition_run_logs_exact_match_at_the_end(tmp_path):
-    from test_train import scalars
-
-    prepared = run("prepare_addition.py", "--digits", "1", "--out_dir", tmp_path / "add1")
+    prepared = run(["prepare_addition.py", "--digits", "1", "--out_dir", tmp_path / "add1"])
     assert prepared.returncode == 0, prepared.stderr
-    done = run("launch.py", "--config=addition", f"--data_dir={tmp_path / 'add1'}",
+    done = run(["launch.py", "--config=addition", f"--data_dir={tmp_path / 'add1'}",
                f"--rundir={tmp_path / 'run'}", "--model.block_size=3", "--max_steps=20",
                "--warmup_steps=2", "--eval_interval=10", "--eval_iters=2", "--log_interval=10",
-               "--model.n_layer=1", "--model.n_embd=32")
+               "--model.n_layer=1", "--model.n_embd=32"])
     assert done.returncode == 0, done.stderr
     line = next(l for l in done.stdout.splitlines() if "exact match on val" in l)
     assert line.startswith("step 20 |") and "of 10 examples" in line  # 1-digit: 10 val problems
@@ -201,8 +183,8 @@ def test_addition_run_logs_exact_match_at_the_end(tmp_path):
     events = scalars(tmp_path / "run")["eval/exact_match"]
     assert list(events) == [20] and events[20] == pytest.approx(logged, abs=5e-5)
     # the wrong block_size for the data: one line naming the fix, nothing written
-    bad = run("launch.py", "--config=addition", f"--data_dir={tmp_path / 'add1'}",
-              f"--rundir={tmp_path / 'bad'}")
+    bad = run(["launch.py", "--config=addition", f"--data_dir={tmp_path / 'add1'}",
+              f"--rundir={tmp_path / 'bad'}"])
     assert_one_line_error(bad, "--model.block_size=3")
     assert not (tmp_path / "bad").exists()
 
@@ -238,7 +220,7 @@ def test_prepare_digits_without_scikit_learn_is_one_line(tmp_path):
     code = ("import sys; sys.modules['sklearn'] = None; sys.argv = ['prepare_digits.py', "
             f"'--out_dir', {str(tmp_path / 'd')!r}]; import prepare_digits, cli; "
             "cli.run_cli(prepare_digits.main)")
-    assert_one_line_error(run("-c", code), "pip install scikit-learn")
+    assert_one_line_error(run(["-c", code]), "pip install scikit-learn")
     assert not (tmp_path / "d").exists()
 
 
@@ -285,31 +267,31 @@ def digits_run(tmp_path_factory) -> Path:
             "prepare_digits.load_images = lambda: (rng.integers(0, 17, (60, 8, 8)), np.arange(60) % 10); "
             f"sys.argv = ['prepare_digits.py', '--out_dir', {str(root / 'data')!r}]; "
             "cli.run_cli(prepare_digits.main)")
-    prepared = run("-c", code)
+    prepared = run(["-c", code])
     assert prepared.returncode == 0, prepared.stderr
-    done = run("launch.py", "--config=digits", f"--data_dir={root / 'data'}",
+    done = run(["launch.py", "--config=digits", f"--data_dir={root / 'data'}",
                f"--rundir={root / 'run'}", "--max_steps=4", "--warmup_steps=2", "--eval_interval=4",
                "--eval_iters=1", "--log_interval=2", "--model.n_layer=1", "--model.n_embd=32",
-               "--batch_size=4")
+               "--batch_size=4"])
     assert done.returncode == 0, done.stderr
     return root / "run"
 
 
 @pytest.mark.slow
 def test_sample_writes_a_png_grid_of_pixel_images_one_row_per_label(digits_run, tmp_path):
-    done = run("sample.py", f"--rundir={digits_run}", "--num_samples=3", f"--out={tmp_path / 'all.png'}")
+    done = run(["sample.py", f"--rundir={digits_run}", "--num_samples=3", f"--out={tmp_path / 'all.png'}"])
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and "checkpoint at step 4" in done.stderr
     grid = read_png(tmp_path / "all.png")
     assert grid.shape == (10 * 34 + 2, 3 * 34 + 2)  # 10 labels x 3 samples of 8x8 pixels, x4
     ink_levels = {255 - round(level * 255 / 15) for level in range(16)}
     assert set(np.unique(grid)) <= ink_levels  # every drawn token is a pixel level, no label
-    one = run("sample.py", f"--rundir={digits_run}", "--num_samples=2", "--start=7",
-              f"--out={tmp_path / 'seven.png'}")
+    one = run(["sample.py", f"--rundir={digits_run}", "--num_samples=2", "--start=7",
+              f"--out={tmp_path / 'seven.png'}"])
     assert one.returncode == 0, one.stderr
     assert read_png(tmp_path / "seven.png").shape == (34 + 2, 2 * 34 + 2)
-    assert_one_line_error(run("sample.py", f"--rundir={digits_run}", "--start=x",
-                              f"--out={tmp_path / 'x.png'}"), "--start='x'", "class label")
+    assert_one_line_error(run(["sample.py", f"--rundir={digits_run}", "--start=x",
+                              f"--out={tmp_path / 'x.png'}"]), "--start='x'", "class label")
     assert not (tmp_path / "x.png").exists()
 
 

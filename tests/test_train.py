@@ -80,6 +80,10 @@ def scalars(rundir) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
+def files_in(rundir) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in Path(rundir).rglob("*") if p.is_file()}
+
+
 def assert_one_line_error(result, *words):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -301,19 +305,19 @@ def test_batch_that_does_not_divide_over_devices_is_refused(data_dir, tmp_path):
 def test_other_model_in_rundir_and_corrupt_checkpoint_are_refused_and_kept(data_dir, tmp_path):
     rundir = tmp_path / "run"
     launch_run(data_dir, rundir, "--max_steps=2", "--eval_interval=2")
-    snapshot = {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()}
+    snapshot = files_in(rundir)
 
     result = launch_run(data_dir, rundir, "--max_steps=4", "--model.n_layer=3", check=False)
     assert_one_line_error(result, "different model", "n_layer")
-    assert {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()} == snapshot
+    assert files_in(rundir) == snapshot
 
     for path in (rundir / "checkpoints" / "2").rglob("*"):  # scribble over every array file
         if path.is_file() and path.suffix not in (".json",) and path.stat().st_size > 0:
             path.write_bytes(b"\0garbage" * 4)
-    corrupted = {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()}
+    corrupted = files_in(rundir)
     result = launch_run(data_dir, rundir, "--max_steps=4", check=False)
     assert_one_line_error(result, "cannot be read")
-    assert {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()} == corrupted
+    assert files_in(rundir) == corrupted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,12 +559,12 @@ def test_sigterm_saves_exits_0_and_the_resumed_run_equals_an_uninterrupted_one(d
 def test_rerunning_a_finished_run_says_so_and_exits_0(data_dir, tmp_path):
     rundir = tmp_path / "run"
     launch_run(data_dir, rundir, "--max_steps=4", "--eval_interval=4")
-    before = {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()}
+    before = files_in(rundir)
     again = launch_run(data_dir, rundir, "--max_steps=4", "--eval_interval=4", check=False)
     assert again.returncode == 0 and again.stderr.strip() == "", again.stderr
     assert again.stdout.strip().splitlines() == [
         f"nothing to do: {rundir} is at step 4 of max_steps=4 (raise --max_steps to train on)"]
-    assert {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()} == before
+    assert files_in(rundir) == before
 
 
 def test_incomplete_checkpoints_are_set_aside_and_the_newest_complete_one_is_used(tmp_path):
