@@ -42,6 +42,10 @@ class GPTConfig:
     norm: str = "rms"  # "rms" (RMSNorm, a gain only) or "layer" (LayerNorm, as GPT-2)
     bias: bool = False  # biases on every linear layer and LayerNorm (GPT-2 has them)
     norm_eps: float = 1e-6  # added to the variance in every norm (GPT-2: 1e-5)
+    # The speedrun's switches (modded-nanogpt), each measured in BENCHMARKS.md "Model switches"
+    mlp_activation: str = "gelu"  # "gelu" (tanh approximation, GPT-2) or "relu2": relu(x)**2
+    zero_init_projections: bool = False  # attention and MLP output projections start at zero
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap) (Gemma 2); 0 turns it off
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -64,6 +68,10 @@ class GPTConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
         if self.attention not in ("auto", "xla", "cudnn"):
             raise ValueError(f"attention={self.attention!r}: use 'auto', 'xla' or 'cudnn'")
+        if self.mlp_activation not in ("gelu", "relu2"):
+            raise ValueError(f"mlp_activation={self.mlp_activation!r}: use 'gelu' or 'relu2'")
+        if not (math.isfinite(self.logit_softcap) and self.logit_softcap >= 0):
+            raise ValueError(f"logit_softcap={self.logit_softcap}: must be >= 0 (0 turns it off)")
         if self.compute_dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"compute_dtype={self.compute_dtype!r}: use 'bfloat16' or 'float32'")
 
@@ -123,6 +131,12 @@ class LayerNorm(eqx.Module):
         return (out if self.bias is None else out + self.bias.astype(jnp.float32)).astype(x.dtype)
 
 
+def projection_std(config: "GPTConfig") -> float:
+    """Init std of the residual output projections: GPT-2 scales 0.02 by 1/sqrt(2 * n_layer)
+    (two per block); zero-initialised, each block starts as the identity (modded-nanogpt)."""
+    return 0.0 if config.zero_init_projections else 0.02 / math.sqrt(2 * config.n_layer)
+
+
 def make_norm(config: "GPTConfig", dim: int) -> RMSNorm | LayerNorm:
     if config.norm == "layer":
         return LayerNorm(dim, config.norm_eps, config.bias)
@@ -178,8 +192,7 @@ class Attention(eqx.Module):
         k_qkv, k_proj = jr.split(key)
         d = config.n_embd
         self.qkv = Linear(d, 3 * d, 0.02, config.bias, key=k_qkv)
-        # GPT-2: residual output projections scaled by 1/sqrt(2 * n_layer) (two per block)
-        self.proj = Linear(d, d, 0.02 / math.sqrt(2 * config.n_layer), config.bias, key=k_proj)
+        self.proj = Linear(d, d, projection_std(config), config.bias, key=k_proj)
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.config = config
@@ -221,20 +234,29 @@ def attention_with_dropout(q, k, v, rate: float, key: PRNGKeyArray):
     return jnp.einsum("hqk,khd->qhd", probs, v)
 
 
+def relu_squared(x: Array) -> Array:
+    """relu(x)**2 (So et al. 2021, "Primer"), the speedrun's MLP activation."""
+    return jnp.square(jax.nn.relu(x))
+
+
 class MLP(eqx.Module):
     fc: Linear
     proj: Linear
+    activation: str = eqx.field(static=True)
 
     def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
         k_fc, k_proj = jr.split(key)
         d = config.n_embd
         self.fc = Linear(d, 4 * d, 0.02, config.bias, key=k_fc)
-        self.proj = Linear(4 * d, d, 0.02 / math.sqrt(2 * config.n_layer), config.bias, key=k_proj)
+        self.proj = Linear(4 * d, d, projection_std(config), config.bias, key=k_proj)
+        self.activation = config.mlp_activation
 
     def __call__(self, x: Float[Array, "seq d"]) -> Float[Array, "seq d"]:
+        if self.activation == "relu2":
+            return self.proj(relu_squared(self.fc(x)))
         # Checkpointed: the backward keeps only the GELU's input, not the ~5 intermediates of its
-        # tanh formula, each as wide as the MLP (4 * n_embd). On the 2-core CPU this, together
-        # with train.py's single-micro-batch path, took ~94 -> ~70 ms/step (BENCHMARKS.md).
+        # tanh formula, each as wide as the MLP (4 * n_embd): ~94 -> ~70 ms/step on the 2-core
+        # CPU, with train.py's single-micro-batch path (BENCHMARKS.md).
         return self.proj(jax.checkpoint(jax.nn.gelu)(self.fc(x)))
 
 
@@ -410,7 +432,11 @@ class GPT(eqx.Module):
         """Next-token logits in x's dtype (the compute dtype): cross_entropy reads them in float32
         where it matters, and a bf16 head runs its matmuls at bf16 speed (3x TF32's)."""
         head = self.embed.T if self.lm_head is None else self.lm_head
-        return x @ head.astype(x.dtype)
+        logits = x @ head.astype(x.dtype)
+        if self.config.logit_softcap:  # keeps |logits| < cap: no token grows overconfident
+            cap = self.config.logit_softcap
+            logits = cap * jnp.tanh(logits / cap)
+        return logits
 
 
 def loss_fn(

@@ -46,8 +46,9 @@ class TrainConfig:
     # batch: each step sees grad_accum * batch_size * block_size tokens
     batch_size: int = 12  # sequences per micro-batch, over all devices and hosts
     grad_accum: int = 1  # micro-batches per step, summed with lax.scan
-    # optimizer: AdamW, warmup then cosine decay to min_lr
-    learning_rate: float = 6e-4  # peak learning rate
+    # optimizer: AdamW (or Muon for the block matrices), warmup then cosine decay to min_lr
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW elsewhere
+    learning_rate: float = 6e-4  # peak learning rate (of AdamW)
     min_lr: float = 6e-5  # learning rate at the end of the cosine
     warmup_steps: int = 2000  # linear warmup from 0
     max_steps: int = 600000  # steps to train for
@@ -57,6 +58,8 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    muon_learning_rate: float = 0.02  # Muon's peak lr; its schedule has AdamW's shape
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     # devices: mesh axes ("data", "fsdp"); data * fsdp devices are used
     data_parallel: int = 1  # size of the "data" axis (pure replication)
     fsdp: int = -1  # size of the "fsdp" axis; -1 means all devices left
@@ -73,6 +76,7 @@ class TrainConfig:
     # matmuls. XLA's deterministic kernels cost +10.6% on the earlier step (shared/measurements).
     deterministic: bool = False  # XLA's deterministic GPU kernels: exact reruns, ~10% slower
     profile_steps: int = 5  # steps traced by --debug
+    target_val_loss: float = 0.0  # stop at the first evaluation with val loss <= this; 0: off
 
     def __post_init__(self):
         """Refuses values that cannot be right, naming the field (launch.py: one line, exit 2)."""
@@ -83,7 +87,8 @@ class TrainConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= {low}")
-        for name in ("learning_rate", "weight_decay", "grad_clip", "min_lr"):
+        for name in ("learning_rate", "weight_decay", "grad_clip", "min_lr", "muon_learning_rate",
+                     "target_val_loss"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be a number >= 0")
         if self.learning_rate == 0:
@@ -91,7 +96,11 @@ class TrainConfig:
         if self.min_lr > self.learning_rate:
             raise ValueError(f"min_lr={self.min_lr}: must not exceed learning_rate="
                              f"{self.learning_rate}")
-        for name in ("beta1", "beta2"):
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer={self.optimizer!r}: use 'adamw' or 'muon'")
+        if self.muon_learning_rate == 0:
+            raise ValueError("muon_learning_rate=0: must be > 0")
+        for name in ("beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
         schedule = self.lr_decay_steps or self.max_steps
@@ -178,13 +187,17 @@ def batch_sharding(mesh) -> NamedSharding:
 # Optimizer
 
 
-def weight_decay_labels(params):
-    """'decay' for matrices (ndim >= 2 in the unstacked model), 'no_decay' for norm gains."""
+def optimizer_labels(config: TrainConfig):
+    """A function of the params: 'muon' for the blocks' matrices when config.optimizer is "muon",
+    'decay' for every other matrix (ndim >= 2 in the unstacked model), 'no_decay' for norm gains
+    and biases. A GPT is itself callable, so optax needs a function here, not a tree."""
 
     def label(path, leaf):
-        return "decay" if leaf.ndim - in_block_stack(path) >= 2 else "no_decay"
+        if leaf.ndim - in_block_stack(path) < 2:
+            return "no_decay"
+        return "muon" if config.optimizer == "muon" and in_block_stack(path) else "decay"
 
-    return jax.tree_util.tree_map_with_path(label, params)
+    return lambda params: jax.tree_util.tree_map_with_path(label, params)
 
 
 def lr_schedule(config: TrainConfig) -> optax.Schedule:
@@ -198,19 +211,45 @@ def lr_schedule(config: TrainConfig) -> optax.Schedule:
     )
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """clip -> Adam -> decoupled weight decay on matrices -> scale by the scheduled lr."""
-    # The decay is multiplied by lr(t) below. Independent decay (Wortsman et al. 2023, "Small-scale
-    # proxies") wants weight_decay * lr(t)/learning_rate instead, i.e. a constant divided by lr_max.
-    decay = config.weight_decay
-    if config.independent_weight_decay:
-        decay = config.weight_decay / config.learning_rate
-    adam = optax.scale_by_adam(b1=config.beta1, b2=config.beta2)
-    by_label = optax.multi_transform(
-        {"decay": optax.chain(adam, optax.add_decayed_weights(decay)), "no_decay": adam},
-        weight_decay_labels,  # a function of the params (a GPT is itself callable: no tree here)
+def muon(config: TrainConfig) -> optax.GradientTransformation:
+    """Muon (Jordan et al. 2024): Nesterov momentum, orthogonalised by Newton-Schulz, per layer.
+
+    Each leaf is (n_layer, d_in, d_out): the layer axis is a batch axis, so every layer's matrix
+    is orthogonalised on its own. The fused qkv matrix is orthogonalised whole: as q, k and v
+    apart it trained no better (BENCHMARKS.md "Muon"). Updates are scaled by sqrt(max(1,
+    d_out/d_in)), as Muon's reference does, so wide and tall matrices take comparable steps.
+    """
+    per_layer = lambda updates: jax.tree.map(  # noqa: E731
+        lambda _: optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2), updates)
+    by_shape = lambda updates, params=None: jax.tree.map(  # noqa: E731
+        lambda u: u * math.sqrt(max(1.0, u.shape[-1] / u.shape[-2])), updates)
+    return optax.chain(
+        optax.contrib.scale_by_muon(beta=config.muon_momentum, nesterov=True,
+                                    weight_dimension_numbers=per_layer),
+        optax.stateless(by_shape),
     )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """clip -> per label: Adam (or Muon) and decoupled weight decay -> scale by the scheduled lr.
+
+    One schedule for all: Muon's peak lr enters as its ratio to AdamW's, so both follow the same
+    warmup and cosine, and weight decay is weight_decay * lr(t) of each one's own lr.
+    """
+    # Independent decay (Wortsman et al. 2023, "Small-scale proxies") wants weight_decay *
+    # lr(t)/peak instead of weight_decay * lr(t): a constant divided by the peak.
+    adam_decay = muon_decay = config.weight_decay
+    if config.independent_weight_decay:
+        adam_decay = config.weight_decay / config.learning_rate
+        muon_decay = config.weight_decay / config.muon_learning_rate
+    adam = optax.scale_by_adam(b1=config.beta1, b2=config.beta2)
+    transforms = {"decay": optax.chain(adam, optax.add_decayed_weights(adam_decay)),
+                  "no_decay": adam}
+    if config.optimizer == "muon":
+        transforms["muon"] = optax.chain(muon(config), optax.add_decayed_weights(muon_decay),
+                                         optax.scale(config.muon_learning_rate / config.learning_rate))
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
+    by_label = optax.multi_transform(transforms, optimizer_labels(config))
     return optax.chain(clip, by_label, optax.scale_by_learning_rate(lr_schedule(config)))
 
 
@@ -684,6 +723,7 @@ def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_s
         return rows
 
     step_timer, timed_from = time.perf_counter(), start
+    run_clock, compile_seconds, eval_seconds, evaluations = time.perf_counter(), 0.0, 0.0, 0
     profiling = False
     batches = train_batches.prefetch()
     step = start
@@ -700,7 +740,8 @@ def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_s
             bar.update(1)  # host-side only: the bar reads no metric here
             if step == start + 1:  # exclude compilation from the step times (and the profile)
                 jax.block_until_ready(metrics)
-                log(f"step {step}: compiled and ran in {time.perf_counter() - step_timer:.1f}s")
+                compile_seconds = time.perf_counter() - step_timer
+                log(f"step {step}: compiled and ran in {compile_seconds:.1f}s")
                 bar.set_description("training")
                 if debug:
                     jax.profiler.start_trace(str(rundir / "profile"))
@@ -747,6 +788,17 @@ def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_s
                 if step == config.max_steps and "completion_eval" in meta:
                     exact_match(model, config, meta, step, log, writer)
                 step_timer += time.perf_counter() - eval_start  # evaluation is not step time
+                eval_seconds += time.perf_counter() - eval_start
+                evaluations += 1
+                if losses["val"] <= config.target_val_loss:
+                    seconds = time.perf_counter() - run_clock - compile_seconds - eval_seconds
+                    log(f"step {step} | reached val {losses['val']:.4f} <= target_val_loss="
+                        f"{config.target_val_loss} after {seconds:.1f}s of training (the first "
+                        f"step's {compile_seconds:.1f}s with compilation and {evaluations} "
+                        f"evaluations' {eval_seconds:.1f}s not counted); stopping")
+                    if writer is not None:
+                        writer.add_scalar("eval/seconds_to_target", seconds, step)
+                    break
 
             if step < config.max_steps and stop_requested(step):
                 # Preempted: the step in flight has finished; save it and wait until it is on

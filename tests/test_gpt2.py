@@ -152,7 +152,7 @@ def test_gpt2_architecture_decays_matrices_only_and_counts_flops_without_positio
     config = GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32,
                        **GPT2_ARCHITECTURE)
     model = eqx.filter_eval_shape(GPT, config, key=jr.key(0))
-    labels = train.weight_decay_labels(model)
+    labels = train.optimizer_labels(train.TrainConfig())(model)
     assert labels.blocks.attn.qkv.bias == labels.blocks.attn_norm.bias == "no_decay"
     assert labels.blocks.attn_norm.weight == labels.final_norm.bias == "no_decay"
     assert labels.blocks.attn.qkv.weight == labels.pos_embed == labels.embed == "decay"
