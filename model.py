@@ -33,7 +33,7 @@ class GPTConfig:
     qk_norm: bool = True  # RMSNorm over head_dim on q and k before RoPE
     tie_embeddings: bool = True  # lm_head is the token embedding (one array, as in GPT-2)
     rope_base: float = 10000.0  # RoPE wavelength base (RoFormer)
-    attention: str = "auto"  # "xla", "cudnn" (flash attention on NVIDIA GPUs) or "auto"
+    attention: str = "auto"  # "explicit" (written out below), "xla", "cudnn" (flash) or "auto"
     remat: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     unroll_layers: bool = True  # unroll the layer scan when compiling: faster steps, longer compiles
     compute_dtype: str = "bfloat16"  # "bfloat16" or "float32"; parameters stay float32
@@ -66,8 +66,8 @@ class GPTConfig:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
-        if self.attention not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"attention={self.attention!r}: use 'auto', 'xla' or 'cudnn'")
+        if self.attention not in ("auto", "explicit", "xla", "cudnn"):
+            raise ValueError(f"attention={self.attention!r}: use 'auto', 'explicit', 'xla' or 'cudnn'")
         if self.mlp_activation not in ("gelu", "relu2"):
             raise ValueError(f"mlp_activation={self.mlp_activation!r}: use 'gelu' or 'relu2'")
         if not (math.isfinite(self.logit_softcap) and self.logit_softcap >= 0):
@@ -176,9 +176,11 @@ def apply_rope(x: Float[Array, "seq head head_dim"], cos, sin) -> Float[Array, "
 def attention_implementation(config: GPTConfig, dtype) -> str:
     if config.attention != "auto":
         return config.attention
-    # cuDNN's fused (flash) attention needs an NVIDIA GPU and a 16-bit dtype.
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    # cuDNN's fused (flash) attention needs an NVIDIA GPU and a 16-bit dtype. On a CPU the
+    # explicit head-major form beats jax's XLA one (BENCHMARKS.md "CPU step").
+    if jax.default_backend() == "cpu":
+        return "explicit"
+    return "cudnn" if dtype in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 class Attention(eqx.Module):
@@ -211,27 +213,27 @@ class Attention(eqx.Module):
 
     def __call__(self, x: Float[Array, "seq d"], cos, sin, *, key=None) -> Float[Array, "seq d"]:
         q, k, v = self.qkv_heads(x, cos, sin)
-        if key is not None and self.config.attn_dropout > 0:
-            y = attention_with_dropout(q, k, v, self.config.attn_dropout, key)
+        impl = attention_implementation(self.config, x.dtype)
+        rate = self.config.attn_dropout if key is not None else 0.0
+        if impl == "explicit" or rate > 0:  # jax's fused kernels take no dropout
+            y = explicit_attention(q, k, v, rate, key)
         else:  # softmax statistics are float32 inside both implementations
-            impl = attention_implementation(self.config, x.dtype)
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         return self.proj(y.reshape(x.shape))
 
 
-def attention_with_dropout(q, k, v, rate: float, key: PRNGKeyArray):
-    """Causal attention whose probabilities are dropped in training, as nanoGPT's attn_dropout.
-
-    jax.nn.dot_product_attention (and its cuDNN flash kernel) takes no dropout, so training with
-    attn_dropout > 0 runs this written-out XLA path, which holds the (head, seq, seq) scores in
-    memory: fine at block 256, costly at 1024. Inference (key=None) uses the fused kernel.
-    """
+def explicit_attention(q, k, v, rate: float = 0.0, key: PRNGKeyArray | None = None):
+    """Causal softmax(q k^T / sqrt(head_dim)) v written out, heads leading so both products are
+    plain batched matmuls, with nanoGPT's dropout on the probabilities when training (rate > 0).
+    It holds the (head, seq, seq) scores in memory: fine at block 256, costly at 1024, where a
+    GPU runs cuDNN's flash kernel instead."""
     seq, _, head_dim = q.shape
-    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32)
+    q, k, v = (jnp.swapaxes(t, 0, 1) for t in (q, k, v))  # (head, seq, head_dim)
+    scores = jnp.matmul(q, jnp.swapaxes(k, 1, 2), preferred_element_type=jnp.float32)
     causal = jnp.tril(jnp.ones((seq, seq), bool))
     scores = jnp.where(causal, scores / math.sqrt(head_dim), -jnp.inf)
     probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key).astype(v.dtype)
-    return jnp.einsum("hqk,khd->qhd", probs, v)
+    return jnp.swapaxes(probs @ v, 0, 1)  # (seq, head, head_dim)
 
 
 def relu_squared(x: Array) -> Array:

@@ -60,6 +60,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
     muon_learning_rate: float = 0.02  # Muon's peak lr; its schedule has AdamW's shape
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    muon_ns_steps: int = 5  # Newton-Schulz iterations that orthogonalise each update
     # devices: mesh axes ("data", "fsdp"); data * fsdp devices are used
     data_parallel: int = 1  # size of the "data" axis (pure replication)
     fsdp: int = -1  # size of the "fsdp" axis; -1 means all devices left
@@ -83,7 +84,7 @@ class TrainConfig:
         at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "warmup_steps": 0,
                     "lr_decay_steps": 0, "data_parallel": 1, "fsdp_min_size": 0,
                     "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
-                    "keep_checkpoints": 1, "seed": 0, "profile_steps": 1}
+                    "keep_checkpoints": 1, "seed": 0, "profile_steps": 1, "muon_ns_steps": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= {low}")
@@ -224,8 +225,8 @@ def muon(config: TrainConfig) -> optax.GradientTransformation:
     by_shape = lambda updates, params=None: jax.tree.map(  # noqa: E731
         lambda u: u * math.sqrt(max(1.0, u.shape[-1] / u.shape[-2])), updates)
     return optax.chain(
-        optax.contrib.scale_by_muon(beta=config.muon_momentum, nesterov=True,
-                                    weight_dimension_numbers=per_layer),
+        optax.contrib.scale_by_muon(beta=config.muon_momentum, ns_steps=config.muon_ns_steps,
+                                    nesterov=True, weight_dimension_numbers=per_layer),
         optax.stateless(by_shape),
     )
 

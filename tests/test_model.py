@@ -272,11 +272,11 @@ def test_attention_dropout_changes_the_forward_only_when_a_key_is_given():
     assert not np.allclose(train_a, forward(dropped, tokens, key=jr.key(4)), atol=1e-3)
 
 
-def test_attention_with_dropout_at_rate_zero_equals_the_fused_path():
-    from model import attention_with_dropout
+def test_explicit_attention_at_rate_zero_equals_the_fused_path():
+    from model import explicit_attention
 
     q, k, v = (jr.normal(jr.key(i), (9, 2, 8)) for i in range(3))
-    written_out = attention_with_dropout(q, k, v, 0.0, jr.key(5))
+    written_out = explicit_attention(q, k, v, 0.0, jr.key(5))
     fused = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     np.testing.assert_allclose(written_out, fused, atol=1e-5)
 
