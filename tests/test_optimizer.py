@@ -252,7 +252,7 @@ def test_zero_initialised_projections_start_every_block_as_the_identity():
 BAD = [("--muon_learning_rate=-0.02", "muon_learning_rate"), ("--muon_learning_rate=0", "muon_learning_rate"),
        ("--muon_momentum=1.0", "muon_momentum"), ("--optimizer=sgd", "optimizer"),
        ("--model.logit_softcap=-1", "logit_softcap"), ("--model.mlp_activation=swish", "mlp_activation"),
-       ("--target_val_loss=-1", "target_val_loss")]
+       ("--target_val_loss=-1", "target_val_loss"), ("--muon_ns_steps=0", "muon_ns_steps")]
 
 
 @pytest.mark.parametrize("bad, field", BAD)
