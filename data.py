@@ -12,7 +12,7 @@ A dataset of fixed-length examples (prepare_addition.py, prepare_digits.py) says
                       batch row is exactly one example (block_size = example_length - 1)
   loss_mask           0/1 for each of an example's example_length - 1 targets: 0 turns that
                       target into IGNORE, which the loss skips (e.g. the question of a problem)
-  completion_eval     {"prompt_length": P}: at the end of training, each val example is decoded
+  completion_eval     {"prompt_length": P}: at each eval_interval, each val example is decoded
                       greedily from its first P tokens and scored by exact match (train.py)
 prepare_*.py write datasets with DatasetWriter; training reads them with load_meta, open_split
 and BatchSampler; sampling encodes prompts with load_tokenizer.

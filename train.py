@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import data
+import evaluation
 import gpt2
 from cli import UserError
 from model import GPT, GPTConfig, flops_per_token, generate, loss_fn, num_params
@@ -72,6 +73,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # latest checkpoints kept, plus the best by val loss
     seed: int = 1337  # parameters, dropout and batch order
     init_from: str = ""  # GPT-2 weights to start from: a directory, or gpt2, gpt2-medium, ...
+    hellaswag: str = ""  # a HellaSwag jsonl scored at each eval_interval (GPT-2 BPE data only)
     # The step has no atomics of its own (model.embed): shakespeare_char reruns bit for bit on a
     # GPU. GPT-2 124M did not (|diff| 5e-7 after 3 steps): cuDNN attention's backward or split-K
     # matmuls. XLA's deterministic kernels cost +10.6% on the earlier step (shared/measurements).
@@ -579,6 +581,11 @@ def open_data(config: TrainConfig, mesh):
         raise UserError(f"init_from={config.init_from} needs data in GPT-2's BPE, and "
                         f"{config.data_dir} is tokenized '{meta['tokenizer']}': prepare it with "
                         "--tokenizer gpt2")
+    if config.hellaswag:  # read now: a bad file is refused before anything is written
+        if meta["tokenizer"] != "gpt2":
+            raise UserError(f"hellaswag={config.hellaswag} is scored in GPT-2's BPE, and "
+                            f"{config.data_dir} is tokenized '{meta['tokenizer']}': drop --hellaswag")
+        evaluation.read_hellaswag(config.hellaswag, config.model.block_size)
 
     def sampler(split, seed, grad_accum):
         tokens = data.open_split(config.data_dir, split, meta)
@@ -700,6 +707,21 @@ def exact_match(model, config: TrainConfig, meta: dict, step: int, log, writer) 
     return correct / total
 
 
+def hellaswag(model, config: TrainConfig, meta: dict, step: int, log, writer) -> dict:
+    """HellaSwag's acc and acc_norm on config.hellaswag (evaluation.py); logged, and written to
+    TensorBoard as eval/hellaswag_acc and eval/hellaswag_acc_norm."""
+    items = evaluation.read_hellaswag(config.hellaswag, config.model.block_size)  # read once
+    # batch_size // 4 items of 4 endings: no more rows than a training micro-batch
+    scores = evaluation.hellaswag_scores(model, items, max(1, config.batch_size // evaluation.ENDINGS),
+                                         vocab_limit=meta["vocab_size"])
+    log(f"step {step} | hellaswag: acc {scores['acc']:.4f} | acc_norm {scores['acc_norm']:.4f} "
+        f"({scores['items']:,} items)")
+    if writer is not None:
+        writer.add_scalar("eval/hellaswag_acc", scores["acc"], step)
+        writer.add_scalar("eval/hellaswag_acc_norm", scores["acc_norm"], step)
+    return scores
+
+
 def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_step, data_in,
                manager, outputs):
     """The loop: one step per batch; every log_interval steps one host sync reads the metrics;
@@ -786,8 +808,10 @@ def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_s
                 if manager is not None:
                     save(val_loss=losses["val"])
                     last_saved = step
-                if step == config.max_steps and "completion_eval" in meta:
+                if "completion_eval" in meta:
                     exact_match(model, config, meta, step, log, writer)
+                if config.hellaswag:
+                    hellaswag(model, config, meta, step, log, writer)
                 step_timer += time.perf_counter() - eval_start  # evaluation is not step time
                 eval_seconds += time.perf_counter() - eval_start
                 evaluations += 1
