@@ -476,12 +476,43 @@ def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # orbax raises many kinds; all mean the same to the user
+    except Exception as e:  # orbax raises many kinds: a healthy checkpoint of another layout, or
+        # a damaged one. Only the second may be deleted, so tell them apart by the saved layout.
+        abstract = {"params": abstract_params, "opt_state": abstract_opt}
+        for item, what in (("opt_state", "optimizer state"), ("params", "parameters")):
+            if abstract[item] is not None:
+                check_saved_layout(manager, step, item, what, abstract[item])
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"checkpoint {step} in {manager.directory} cannot be read ({reason}): "
-                        "delete that step's directory to fall back to an earlier one") from None
+        raise UserError(f"checkpoint {step} in {manager.directory} cannot be read, it is damaged "
+                        f"({reason}): delete that step's directory to fall back to an earlier one"
+                        ) from None
     opt_state = restored.opt_state if abstract_opt is not None else None
     return restored.params, opt_state, restored.run_state
+
+
+def check_saved_layout(manager, step, item: str, what: str, abstract) -> None:
+    """A UserError naming what differs when checkpoint `step` saved `item` with other array paths
+    or shapes than `abstract`: a healthy checkpoint of other settings, never to be deleted."""
+    def layout(tree):
+        return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    try:
+        directory = manager.directory / str(step) / item
+        saved = layout(ocp.StandardCheckpointHandler().metadata(directory).tree)
+    except Exception:  # its layout is unreadable too: damaged, not different
+        return
+    expected = layout(abstract)
+    differ = sorted(p for p in saved.keys() | expected.keys() if saved.get(p) != expected.get(p))
+    if not differ:
+        return
+    shape = lambda layout, path: str(layout[path]) if path in layout else "absent"  # noqa: E731
+    examples = "; ".join(f"{p}: {shape(saved, p)} saved, {shape(expected, p)} now" for p in differ[:2])
+    raise UserError(f"checkpoint {step} in {manager.directory} holds another {what} than this run "
+                    f"makes ({len(differ)} arrays differ, e.g. {examples}): the optimizer, its "
+                    "settings or the code changed since it was saved. Resume with the run's own "
+                    f"settings (--rundir={manager.directory.parent}, no overrides) or start a new "
+                    "--rundir; nothing on disk was changed")
 
 
 def choose_step(manager, which: str) -> int:

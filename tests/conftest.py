@@ -1,4 +1,5 @@
-"""Shared test setup: the repo root on sys.path and the offline data in ../shared."""
+"""Shared test setup: the repo root on sys.path and the offline data in ../shared (or wherever
+EQXGPT_SHARED points, for a clone that does not sit beside it)."""
 
 import os
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("EQXGPT_SHARED", REPO.parent / "shared")).resolve()
 sys.path.insert(0, str(REPO))
 # GPT-2 BPE files come from tiktoken's cache in ../shared: tests never touch the network.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "data" / "tiktoken"))
@@ -20,7 +21,8 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 @pytest.fixture(scope="session")
 def shakespeare_input() -> Path:
     path = SHARED / "data" / "tinyshakespeare" / "input.txt"
-    assert path.exists(), f"{path} is missing: tests need ../shared beside the repo"
+    assert path.exists(), (f"{path} is missing: tests need ../shared beside the repo, or "
+                           "EQXGPT_SHARED set to its path")
     return path
 
 

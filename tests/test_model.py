@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from model import (GPT, GPTConfig, apply_rope, cross_entropy, embed, flops_per_token, loss_fn,
-                   num_params, rope_table, sum_rows_by_id)
+from model import (GPT, GPTConfig, apply_rope, cross_entropy, dropout, embed, flops_per_token,
+                   loss_fn, num_params, rope_table, sum_rows_by_id)
 
 # Small shapes keep the suite fast on 2 CPU cores; float32 compute for exact comparisons.
 TINY = GPTConfig(
@@ -159,6 +159,18 @@ def test_dropout_is_keyed_and_off_without_a_key():
     np.testing.assert_array_equal(train_a, forward(model, tokens, key=jr.key(3)))
     assert not np.allclose(train_a, forward(model, tokens), atol=1e-3)
     assert not np.allclose(train_a, forward(model, tokens, key=jr.key(4)), atol=1e-3)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_zeroes_at_its_rate_and_keeps_the_expectation(rate):
+    x = jnp.full((100_000,), 3.0, jnp.bfloat16)
+    out = dropout(x, rate, jr.key(0))
+    assert out.dtype == x.dtype
+    kept = np.asarray(out != 0)
+    assert abs(kept.mean() - (1 - rate)) < 0.01  # zeroes the fraction asked for
+    np.testing.assert_allclose(np.asarray(out[kept], np.float32), 3.0 / (1 - rate), rtol=1e-2)
+    assert abs(float(out.astype(jnp.float32).mean()) - 3.0) < 0.03  # E[out] = x: inverted dropout
+    assert dropout(x, rate, None) is x  # inference: no key, no dropout
 
 
 def test_gpt2_small_parameter_count_and_flops_match_closed_form():

@@ -13,8 +13,9 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from model import (GPT, GPTConfig, empty_cache, extend, generate, sample_token, top_k_filter,
-                   top_p_filter, with_config)
+import model as model_py
+from model import (GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, generate,
+                   sample_token, top_k_filter, top_p_filter, with_config)
 from sample import SEPARATOR, generate_samples, sample_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +24,22 @@ TINY = GPTConfig(
     block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=64, compute_dtype="float32"
 )
 
-forward = eqx.filter_jit(lambda model, tokens: model(tokens))
+# Every architecture switch, one line each: the cached decoding must equal the forward under
+# each. A new switch is a new line here.
+ARCHITECTURES = [
+    dict(),  # the default: RoPE, RMSNorm, no biases, QK-norm, tied head
+    dict(position_embedding="learned"),
+    dict(norm="layer"),
+    dict(bias=True),
+    dict(qk_norm=False),
+    dict(tie_embeddings=False),
+    GPT2_ARCHITECTURE,  # all of GPT-2's settings at once
+]
+# Each way the forward computes attention: the fused XLA call, and the written-out path that
+# training with attn_dropout takes (forced below with its dropout off, so it must agree exactly).
+ATTENTION_PATHS = ["fused", "written_out"]
+
+forward = eqx.filter_jit(lambda model, tokens, key=None: model(tokens, key=key))
 extend_jit = eqx.filter_jit(extend)
 generate_jit = eqx.filter_jit(generate)
 
@@ -41,17 +57,51 @@ def small_block_model() -> GPT:
     return jax.tree.map(lambda a: 4 * a, model)
 
 
-@pytest.mark.parametrize("prompt_len", [1, 5])
-def test_cached_decoding_equals_full_forward_at_every_position(model, prompt_len):
-    tokens = jr.randint(jr.key(2), (TINY.block_size,), 0, TINY.vocab_size)
-    expected = forward(model, tokens)
-    logits, cache = extend_jit(model, tokens[:prompt_len], empty_cache(TINY))  # prefill
-    steps = [logits]
-    for i in range(prompt_len, TINY.block_size):  # then one token at a time, to a full cache
-        logits, cache = extend_jit(model, tokens[i : i + 1], cache)
-        steps.append(logits)
-    assert int(cache.length) == TINY.block_size
-    np.testing.assert_allclose(np.concatenate(steps), expected, atol=1e-4, rtol=0)
+def perturbed(model: GPT, key) -> GPT:
+    """Every parameter moved off its init: norm gains leave 1 and biases leave 0, so a cached path
+    that forgets one of them cannot agree by chance."""
+    params, static = eqx.partition(model, eqx.is_array)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jr.split(key, len(leaves))
+    leaves = [a + 0.05 * jr.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+    return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
+
+
+def forward_by(path: str, model: GPT, tokens, monkeypatch):
+    """The full forward's logits through one attention path."""
+    if path == "fused":
+        return forward(model, tokens)
+    # attn_dropout > 0 with a key takes the written-out path; its rate is set to 0 here, and
+    # residual dropout is 0, so the key changes nothing else.
+    calls = []
+    written_out = model_py.attention_with_dropout
+
+    def without_dropout(q, k, v, rate, key):
+        calls.append(rate)
+        return written_out(q, k, v, 0.0, key)
+
+    monkeypatch.setattr(model_py, "attention_with_dropout", without_dropout)
+    model = with_config(model, dataclasses.replace(model.config, attn_dropout=0.5))
+    logits = eqx.filter_jit(lambda m, t, k: m(t, key=k))(model, tokens, jr.key(9))
+    assert calls, "the written-out attention path was not taken"
+    return logits
+
+
+@pytest.mark.parametrize("path", ATTENTION_PATHS)
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=lambda changes: ",".join(
+    f"{k}={v}" for k, v in changes.items()) or "default")
+def test_cached_decoding_equals_full_forward_at_every_position(architecture, path, monkeypatch):
+    config = dataclasses.replace(TINY, attention="xla", **architecture)
+    model = perturbed(GPT(config, key=jr.key(0)), jr.key(1))
+    tokens = jr.randint(jr.key(2), (config.block_size,), 0, config.vocab_size)
+    expected = forward_by(path, model, tokens, monkeypatch)
+    # A prefill, then as many tokens again after it: one compiled shape serves both (single-token
+    # decoding against the forward: test_generation_past_block_size_sees_exactly_the_cached_tokens)
+    half = config.block_size // 2
+    first, cache = extend_jit(model, tokens[:half], empty_cache(config))
+    second, cache = extend_jit(model, tokens[half:], cache)
+    assert int(cache.length) == config.block_size
+    np.testing.assert_allclose(np.concatenate([first, second]), expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("prompt_len", [3, 20])  # 20 > block_size: the prompt is cut
@@ -135,6 +185,19 @@ def test_sampling_follows_the_filtered_distribution():
     assert set(np.asarray(draw(keys[:50], 0.0, 1.0)).tolist()) == {1}  # temperature 0: argmax
 
 
+def test_temperature_divides_the_logits():
+    logits = jnp.log(jnp.asarray([0.10, 0.50, 0.15, 0.25]))
+    keys = jr.split(jr.key(1), 4000)
+    draw = jax.jit(jax.vmap(lambda k, t: sample_token(logits, k, t, 0, 1.0), (0, None)),
+                   static_argnums=1)
+    for temperature in (0.5, 2.0):  # sharper, flatter: softmax(logits / T)
+        freq = np.bincount(draw(keys, temperature), minlength=4) / len(keys)
+        np.testing.assert_allclose(freq, jax.nn.softmax(logits / temperature), atol=0.03)
+    assert set(np.asarray(draw(keys[:200], 1e-3)).tolist()) == {1}  # T -> 0: the argmax
+    flat = np.bincount(draw(keys, 1e3), minlength=4) / len(keys)  # T large: near uniform
+    np.testing.assert_allclose(flat, 0.25, atol=0.03)
+
+
 def test_with_config_changes_the_static_config_and_keeps_the_arrays(model):
     bf16 = with_config(model, dataclasses.replace(TINY, compute_dtype="bfloat16"))
     assert bf16.config.compute_dtype == "bfloat16"
@@ -160,6 +223,10 @@ def trained_run(tmp_path_factory, shakespeare_input) -> Path:
          f"--rundir={root / 'run'}", "--max_steps=20", "--warmup_steps=5", "--eval_interval=10",
          "--eval_iters=2",
          "--log_interval=10", "--model.n_layer=2", "--model.n_embd=64"],
+        # Ten more steps at a learning rate that wrecks the model: the latest checkpoint (30) is
+        # then not the best one, so choosing between them is observable.
+        ["launch.py", f"--rundir={root / 'run'}", "--max_steps=30", "--learning_rate=1.0",
+         "--min_lr=1.0"],
     ]
     for command in commands:
         done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True)
@@ -175,6 +242,7 @@ def run_sample(*args) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_sample_prints_num_samples_texts(trained_run):
     # 100 new tokens > block_size 64: the cache is rebuilt on the way
+    assert json.loads((trained_run / "config.json").read_text())["config"]["model"]["block_size"] == 64
     done = run_sample(f"--rundir={trained_run}", "--start=ROMEO:", "--num_samples=2",
                       "--max_new_tokens=100", "--seed=3")
     assert done.returncode == 0, done.stderr
@@ -200,6 +268,7 @@ def test_best_checkpoint_is_the_default_and_named(trained_run):
 
     manager = train.checkpoint_manager(trained_run)
     best = min(manager.all_steps(), key=lambda s: manager.metrics(s)["val_loss"])
+    assert best != max(manager.all_steps())  # the run has a best that is not the latest
     done = run_sample(f"--rundir={trained_run}", "--num_samples=1", "--max_new_tokens=10",
                       "--dtype=bfloat16")
     assert done.returncode == 0, done.stderr

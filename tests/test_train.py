@@ -8,6 +8,7 @@ is imported, so the multi-device and multi-host checks run in subprocesses.
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -21,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
 
 import launch
 import train
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to compile and run in seconds; float32 so runs on different meshes agree closely.
@@ -109,6 +111,45 @@ def test_weight_decay_shrinks_only_matrices(data_dir):
     assert float(jnp.abs(updates.blocks.attn_norm.weight).max()) == 0
 
 
+@pytest.mark.parametrize("lr_decay_steps", [60, 0])  # 0: the cosine ends at max_steps
+def test_learning_rate_schedule_at_chosen_steps(lr_decay_steps):
+    peak, floor, warmup, max_steps = 1e-3, 1e-4, 10, 100
+    config = train.TrainConfig(learning_rate=peak, min_lr=floor, warmup_steps=warmup,
+                               max_steps=max_steps, lr_decay_steps=lr_decay_steps)
+    end = lr_decay_steps or max_steps
+    schedule = train.lr_schedule(config)
+
+    def cosine(step):  # from peak at the end of warmup down to min_lr at `end`
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (end - warmup)))
+
+    expected = {0: 0.0, 3: 0.3 * peak, warmup: peak, (warmup + end) // 2: (peak + floor) / 2,
+                warmup + 7: cosine(warmup + 7), end: floor, end - 1: cosine(end - 1)}
+    if end < max_steps:
+        expected[max_steps - 1] = floor  # after the cosine: held at min_lr
+    for step, lr in expected.items():
+        np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-5, atol=1e-12,
+                                   err_msg=f"step {step}")
+
+
+def test_dropout_masks_change_with_the_step_and_repeat_on_a_rerun(data_dir):
+    config = tiny_config(data_dir)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.3))
+    mesh = train.make_mesh(config)
+    abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
+    train_step = train.make_train_step(config, optimizer, abstract_params)
+    tokens, targets = np.random.default_rng(0).integers(0, 65, (2, 1, 8, 32), dtype=np.int32)
+    key_data = np.asarray(jr.key_data(jr.key(config.seed)))
+
+    def loss_at(step):  # the loss is computed before the update: only dropout's key can move it
+        params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
+        model = eqx.combine(params, static)  # fresh each time: the step donates its inputs
+        _, _, metrics = train_step(model, opt_state, tokens, targets, np.int32(step), key_data)
+        return float(metrics["loss"])
+
+    assert loss_at(5) == loss_at(5)  # a rerun (a resume) draws the same masks
+    assert loss_at(5) != loss_at(6)  # the next step draws new ones
+
+
 def test_grad_accumulation_4x16_equals_one_batch_of_64(data_dir):
     def one_step(batch_size, grad_accum, tokens, targets):
         config = tiny_config(data_dir, batch_size=batch_size, grad_accum=grad_accum)
@@ -131,13 +172,26 @@ def test_grad_accumulation_4x16_equals_one_batch_of_64(data_dir):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_whole_run_compiles_the_train_step_once(data_dir, tmp_path, caplog):
+def test_whole_run_compiles_each_step_once_and_evaluates_the_same_batches(data_dir, tmp_path,
+                                                                          caplog, monkeypatch):
+    evaluated = []  # the token batches of every eval_step call, in order
+    eval_step = train.eval_step
+    monkeypatch.setattr(train, "eval_step", lambda model, tokens, targets: evaluated.append(
+        np.asarray(tokens)) or eval_step(model, tokens, targets))
     config = tiny_config(data_dir, max_steps=12, eval_interval=5, log_interval=3)
     with jax.log_compiles(True), caplog.at_level("WARNING"):
         train.train(config, tmp_path / "run")
     compiles = [r.message for r in caplog.records if r.message.startswith("Compiling jit(")]
     assert sum("jit(train_step)" in m for m in compiles) == 1, compiles
     assert sum("jit(eval_step)" in m for m in compiles) == 1, compiles  # evals reuse one too
+    # Evaluations at steps 5, 10 and 12, each over eval_iters batches of each split
+    per_eval = 2 * config.eval_iters
+    assert len(evaluated) == 3 * per_eval
+    first = evaluated[:per_eval]
+    assert not np.array_equal(first[0], first[1])  # eval_iters different batches...
+    for later in (evaluated[per_eval : 2 * per_eval], evaluated[2 * per_eval :]):
+        for a, b in zip(first, later):
+            np.testing.assert_array_equal(a, b)  # ...and the same ones at every evaluation
 
 
 def test_the_loop_reads_the_device_only_through_its_log_and_eval_syncs(data_dir, tmp_path,
@@ -168,6 +222,10 @@ def test_the_loop_reads_the_device_only_through_its_log_and_eval_syncs(data_dir,
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "\r" not in log and "it/s" not in log and "step/s" not in log  # no bar redraws
     assert "step 4 | loss" in log and "step 12 | eval:" in log
+    # --debug: a profile of profile_steps steps after the compile, and no checkpoints
+    assert "profile of steps 2-2 written to" in log
+    assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -224,8 +282,10 @@ def test_launch_writes_checkpoints_events_and_config(data_dir, tmp_path):
     assert sorted(logged["perf/ms_per_step"]) == list(range(2, 21))  # step 1 is the compile
     assert set(logged["eval/val_loss"]) == {10, 20}
     assert logged["train/loss"][20] < logged["train/loss"][1]  # it learns
-    lrs = logged["train/lr"]  # float32: the peak 1e-3 reads back as 1.0000000475e-3
-    assert all(0 <= lr <= 1e-3 * (1 + 1e-6) for lr in lrs.values()) and max(lrs.values()) > 9e-4
+    # each step's lr is the schedule's at that step (logged 1-based), read back as float32
+    schedule = train.lr_schedule(train.config_from_dict(saved["config"]))
+    np.testing.assert_allclose([logged["train/lr"][s] for s in range(1, 21)],
+                               [float(schedule(s - 1)) for s in range(1, 21)], rtol=1e-6)
     assert (rundir / "log.txt").read_text().count("eval:") == 2
 
 
@@ -407,16 +467,66 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
         train.choose_step(reader, "3")
 
 
+# bench.py with a known peak (1e8 FLOP/s per device) on two fake devices
+BENCH_WITH_PEAK = """
+import runpy, sys
+sys.path.insert(0, {repo!r})
+import train
+train.peak_flops_per_device = lambda: 1e8
+sys.argv = ["bench.py", *{args!r}]
+runpy.run_path("bench.py", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
-def test_bench_reports_throughput(tmp_path):
-    result = run([REPO / "bench.py", "--config=shakespeare_char_cpu", "--steps=2", "--warmup=1",
-                  *TINY_OVERRIDES], check=True)
-    assert "ms/step" in result.stdout and "tokens/s" in result.stdout
-    if jax.default_backend() == "cpu":
-        assert "MFU n/a" in result.stdout  # a CPU has no known peak
-    assert "tokens from" in result.stdout  # it says where its batches came from
+def test_bench_reports_throughput_and_mfu_from_the_peak(tmp_path):
+    args = ["--config=shakespeare_char_cpu", "--steps=2", "--warmup=1", *TINY_OVERRIDES]
+    result = run(["-c", BENCH_WITH_PEAK.format(repo=str(REPO), args=args)],
+                 env=FAKE_CPU_DEVICES(2), check=True)
+    assert "devices 2 x" in result.stdout and "tokens from" in result.stdout  # where batches came from
+    measured = re.search(r"([\d.]+) ms/step \| ([\d,]+) tokens/s \| MFU ([\d.]+)%", result.stdout)
+    assert measured, result.stdout
+    ms_per_step, tokens_per_s, mfu = (float(x.replace(",", "")) for x in measured.groups())
+    config = launch.apply_overrides(launch.load_config("shakespeare_char_cpu"), TINY_OVERRIDES)
+    np.testing.assert_allclose(tokens_per_s, config.tokens_per_step / (ms_per_step / 1e3),
+                               rtol=0.06 / ms_per_step)  # ms/step is printed to 0.1
+    # MFU = achieved FLOP/s (6N + 12LdT per token, PaLM) over the peak of every device
+    expected = tokens_per_s * flops_per_token(config.model) / (1e8 * 2)
+    np.testing.assert_allclose(mfu / 100, expected, rtol=1e-3)
     assert_one_line_error(run([REPO / "bench.py", "--config=shakespeare_char_cpu", "--oops=1"]),
                           "oops")
+
+
+def test_a_checkpoint_of_another_optimizer_is_named_and_kept_a_damaged_one_called_damaged(tmp_path):
+    params = {"w": jnp.ones(3)}
+    abstract_params = jax.eval_shape(lambda: params)
+    adam = optax.adam(1e-3)
+    manager = train.checkpoint_manager(tmp_path, keep_last=2)
+    train.save_checkpoint(manager, 1, params, adam.init(params), {"step": 1})
+    manager.wait_until_finished()
+    manager.close()
+    reader = train.checkpoint_manager(tmp_path)
+    train.restore_checkpoint(reader, 1, abstract_params, jax.eval_shape(adam.init, params))  # reads
+    snapshot = files_in(tmp_path)
+
+    # A healthy checkpoint, resumed with another optimizer: SGD's momentum instead of Adam's moments
+    momentum = jax.eval_shape(optax.sgd(1e-3, momentum=0.9).init, params)
+    with pytest.raises(train.UserError) as error:
+        train.restore_checkpoint(reader, 1, abstract_params, momentum)
+    message = str(error.value)
+    for words in ("holds another optimizer state", "4 arrays differ",
+                  "0.mu.w: (3,) saved, absent now", "Resume with the run's own settings",
+                  "start a new --rundir", "nothing on disk was changed"):
+        assert words in message, message
+    assert "delete" not in message and "damaged" not in message, message
+    assert files_in(tmp_path) == snapshot
+
+    # A damaged one: the optimizer state's array data overwritten, its layout still readable
+    for path in (tmp_path / "checkpoints" / "1" / "opt_state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(b"\0garbage" * 4)
+    with pytest.raises(train.UserError, match="cannot be read, it is damaged .*: delete that step"):
+        train.restore_checkpoint(reader, 1, abstract_params, jax.eval_shape(adam.init, params))
 
 
 def test_a_resume_may_change_how_the_model_is_computed_not_what(data_dir, tmp_path):
@@ -508,18 +618,76 @@ def straight_run(data_dir, tmp_path_factory) -> Path:
     return rundir
 
 
+# launch.py killed (SIGKILL, no cleanup) in the middle of saving the checkpoint of step 10: its
+# arrays are written into orbax's temporary directory, which is not yet renamed into place.
+KILLED_MID_SAVE = """
+import os, runpy, signal, sys
+sys.path.insert(0, {repo!r})
+from orbax.checkpoint._src.path import atomicity
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize_or_die(self, *args, **kwargs):
+    if self._final_path.name == "10":  # the step directory's own rename
+        print("KILLED MID-SAVE", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await finalize(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
+sys.argv = ["launch.py", *{args!r}]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
-def test_kill_9_at_any_moment_then_restarts_end_as_an_uninterrupted_run(data_dir, straight_run,
-                                                                        tmp_path):
-    steps = INTERRUPTED
+def test_kill_mid_save_and_at_any_moment_then_restarts_end_as_an_uninterrupted_run(
+        data_dir, straight_run, tmp_path):
     rundir = tmp_path / "killed"
-    # The checkpoint after an evaluation is written asynchronously, while training goes on: a
-    # kill as its eval line appears lands during the save. The other: mid-interval.
-    for marker in ("step 5 | eval", "step 12 |", "step 20 | eval"):
-        out, err = run_until(launch_popen(data_dir, rundir, *steps), marker, subprocess.Popen.kill)
-        assert "Traceback" not in err, err
-    final = launch_run(data_dir, rundir, *steps, check=False)
+    args = ["--config=shakespeare_char_cpu", f"--data_dir={data_dir}", f"--rundir={rundir}",
+            *TINY_OVERRIDES, *INTERRUPTED]
+    killed = run(["-c", KILLED_MID_SAVE.format(repo=str(REPO), args=args)])
+    assert killed.returncode == -signal.SIGKILL and "KILLED MID-SAVE" in killed.stdout, killed.stderr
+    half_written = [p.name for p in (rundir / "checkpoints").iterdir()
+                    if p.name.startswith("10.orbax-checkpoint-tmp")]
+    assert len(half_written) == 1, list((rundir / "checkpoints").iterdir())
+    assert train.checkpoint_manager(rundir).all_steps() == [5]  # the last complete one
+
+    # The restart sets the half-written checkpoint aside and resumes from step 5; a kill -9 at
+    # another moment (step 15's save may still be in flight) then loses only unsaved steps.
+    out, err = run_until(launch_popen(data_dir, rundir, *INTERRUPTED), "step 17 |",
+                         subprocess.Popen.kill)
+    assert "Traceback" not in err, err
+    aside = rundir / "incomplete_checkpoints"
+    assert (f"incomplete checkpoints (a crash mid-save) moved to {aside}: step directories "
+            f"{half_written[0]}") in out
+    assert "resuming at step 5/30" in out
+    moved = list(aside.iterdir())
+    assert [p.name.startswith(half_written[0]) for p in moved] == [True]
+    assert (moved[0] / "params").is_dir()  # moved whole, not deleted
+
+    final = launch_run(data_dir, rundir, *INTERRUPTED, check=False)
     assert final.returncode == 0 and "Traceback" not in final.stderr, final.stderr
+    assert re.search(r"resuming at step (10|15)/30", final.stdout), final.stdout
+    assert_same_parameters(straight_run, rundir)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_launch_with_only_rundir_resumes_from_the_runs_config(
+        data_dir, straight_run, tmp_path):
+    rundir = tmp_path / "interrupted"
+    # One evaluation, at the end: a Ctrl-C anywhere before it has unsaved steps to save.
+    process = launch_popen(data_dir, rundir, *INTERRUPTED, "--eval_interval=30")
+    out, err = run_until(process, "step 3 |", lambda p: p.send_signal(signal.SIGINT))
+    assert process.returncode == 130 and "Traceback" not in err, err  # quietly, as Ctrl-C does
+    saved = re.search(r"interrupted: checkpoint saved at step (\d+); rerun with --rundir=\S+ to "
+                      r"resume", out)
+    assert saved, out
+    step = int(saved.group(1))
+    assert 3 <= step < 30 and train.checkpoint_manager(rundir).all_steps() == [step]
+
+    # No --config, no overrides but max_steps: the run's config.json says how (data_dir, the
+    # tiny model, the schedule); a run from the default config would end elsewhere or fail.
+    resumed = run([REPO / "launch.py", f"--rundir={rundir}", "--max_steps=30"], check=True)
+    assert f"resuming at step {step}/30" in resumed.stdout
     assert_same_parameters(straight_run, rundir)
 
 
