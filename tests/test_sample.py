@@ -33,11 +33,13 @@ ARCHITECTURES = [
     dict(bias=True),
     dict(qk_norm=False),
     dict(tie_embeddings=False),
+    dict(mlp_activation="relu2"),
     GPT2_ARCHITECTURE,  # all of GPT-2's settings at once
 ]
-# Each way the forward computes attention: the fused XLA call, and the written-out path that
-# training with attn_dropout takes (forced below with its dropout off, so it must agree exactly).
-ATTENTION_PATHS = ["fused", "written_out"]
+# Each way the forward computes attention: jax's XLA call, the explicit written-out one (the
+# CPU default), and that one as training with attn_dropout takes it (forced below with its
+# dropout off, so it must agree exactly).
+ATTENTION_PATHS = ["xla", "explicit", "dropout_path"]
 
 forward = eqx.filter_jit(lambda model, tokens, key=None: model(tokens, key=key))
 extend_jit = eqx.filter_jit(extend)
@@ -69,20 +71,20 @@ def perturbed(model: GPT, key) -> GPT:
 
 def forward_by(path: str, model: GPT, tokens, monkeypatch):
     """The full forward's logits through one attention path."""
-    if path == "fused":
-        return forward(model, tokens)
-    # attn_dropout > 0 with a key takes the written-out path; its rate is set to 0 here, and
-    # residual dropout is 0, so the key changes nothing else.
+    if path != "dropout_path":
+        return forward(with_config(model, dataclasses.replace(model.config, attention=path)), tokens)
+    # attn_dropout > 0 with a key takes the written-out path whatever the implementation; its
+    # rate is set to 0 here, and residual dropout is 0, so the key changes nothing else.
     calls = []
-    written_out = model_py.attention_with_dropout
+    written_out = model_py.explicit_attention
 
     def without_dropout(q, k, v, rate, key):
         calls.append(rate)
         return written_out(q, k, v, 0.0, key)
 
-    monkeypatch.setattr(model_py, "attention_with_dropout", without_dropout)
-    model = with_config(model, dataclasses.replace(model.config, attn_dropout=0.5))
-    logits = eqx.filter_jit(lambda m, t, k: m(t, key=k))(model, tokens, jr.key(9))
+    monkeypatch.setattr(model_py, "explicit_attention", without_dropout)
+    config = dataclasses.replace(model.config, attn_dropout=0.5, attention="xla")
+    logits = eqx.filter_jit(lambda m, t, k: m(t, key=k))(with_config(model, config), tokens, jr.key(9))
     assert calls, "the written-out attention path was not taken"
     return logits
 
