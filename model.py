@@ -284,11 +284,10 @@ def embed(table: Float[Array, "vocab d"], tokens: Int[Array, "*shape"]) -> Float
     """table[tokens], whose gradient sums the rows of each token id with no atomic adds.
 
     Autodiff turns a lookup into a scatter-add, whose atomics on a GPU collide on the frequent ids
-    of real text (space, "e", "the") and add in a different order every run: GPT-2 124M on one
-    H100, real tokens, 136 -> 114 ms/step with a sorted segment_sum instead (shared/measurements).
-    This sorted running sum has no atomics at all: with it the shakespeare_char step repeats bit
-    for bit on an H100, with the scatter-add it does not (BENCHMARKS.md). Call it on the whole
-    batch, outside vmap: under vmap the backward would build one (vocab, d) gradient per sequence.
+    of real text (space, "e", "the") and add in a different order every run; this sorted running
+    sum has none: faster at GPT-2 124M and bit-for-bit repeatable (BENCHMARKS.md, "GPU"). Call it
+    on the whole batch, outside vmap: under vmap the backward would build one (vocab, d) gradient
+    per sequence.
     """
     return table[tokens]
 
@@ -326,9 +325,8 @@ def cross_entropy(logits: Float[Array, "*shape vocab"], targets: Int[Array, "*sh
 
     The float32 upcast happens inside the fused reductions (forward) and the one elementwise pass
     of the backward, softmax - one_hot, which writes its gradient in the logits' dtype: no float32
-    copy of the (tokens, vocab) logits is ever stored. GPT-2 124M on one H100: with bf16 logits
-    the head's matmuls run in bf16 and the loss in two passes (shared/measurements: 114 -> 100
-    ms/step alone, 90 -> 74.5 with the unrolled layers).
+    copy of the (tokens, vocab) logits is ever stored, and the head's matmuls run in bf16
+    (BENCHMARKS.md, "The training step, GPT-2 124M").
     """
     return _cross_entropy_fwd(logits, targets)[0]
 
@@ -410,9 +408,8 @@ class GPT(eqx.Module):
 
         if config.remat:
             run_block = jax.checkpoint(run_block)
-        # Unrolled, XLA fuses across block boundaries and drops the scan's per-layer copies and
-        # dynamic slices of the stacked weights and activations: GPT-2 124M on one H100, 114 ->
-        # 90 ms/step (shared/measurements). The program is still traced once per block.
+        # Unrolled, XLA fuses across blocks and drops the scan's per-layer copies: faster on a GPU
+        # (BENCHMARKS.md, "The training step, GPT-2 124M"); still traced once per block.
         x, _ = jax.lax.scan(run_block, x, (block_params, layer_keys), unroll=config.unroll_layers)
         return model.final_norm(x)
 
@@ -531,99 +528,6 @@ def extend(
     x, (k, v) = jax.lax.scan(run_block, x, layers, unroll=config.unroll_layers)
     logits = model.logits(model.final_norm(x)).astype(jnp.float32)
     return logits, KVCache(k, v, cache.length + tokens.shape[0])
-
-
-def top_k_filter(logits: Float[Array, " vocab"], k: int) -> Float[Array, " vocab"]:
-    """-inf below the k-th largest logit (ties with it are kept); k=0 turns it off."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = jax.lax.top_k(logits, k)[0][-1]
-    return jnp.where(logits < kth, -jnp.inf, logits)
-
-
-def top_p_filter(logits: Float[Array, " vocab"], p: float) -> Float[Array, " vocab"]:
-    """Nucleus filtering (Holtzman et al. 2019): keeps the smallest set of most likely tokens whose
-    probability mass reaches p, and always the most likely one; p=1 turns it off."""
-    if p >= 1.0:
-        return logits
-    probs = jax.nn.softmax(logits.astype(jnp.float32))
-    order = jnp.argsort(-probs)
-    sorted_probs = probs[order]
-    mass_before = jnp.cumsum(sorted_probs) - sorted_probs  # of the more likely tokens
-    keep_sorted = (mass_before < p).at[0].set(True)  # a token is needed while p is not reached
-    keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
-    return jnp.where(keep, logits, -jnp.inf)
-
-
-def sample_token(
-    logits: Float[Array, " vocab"], key: PRNGKeyArray, temperature: float, top_k: int, top_p: float
-) -> Int[Array, ""]:
-    """One token id from next-token logits; temperature 0 is greedy (argmax). All in float32."""
-    logits = logits.astype(jnp.float32)
-    if temperature == 0.0:
-        return jnp.argmax(logits).astype(jnp.int32)
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
-    return jr.categorical(key, logits).astype(jnp.int32)
-
-
-def generate(
-    model: GPT,
-    prompt: Int[Array, " prompt"],
-    key: PRNGKeyArray,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    vocab_limit: int | None = None,
-    return_logits: bool = False,
-):
-    """max_new_tokens tokens continuing one prompt (vmap over keys for several samples).
-
-    The prompt is cut to its last block_size tokens and prefilled; then one token per step, in a
-    lax.scan. When the cache is full, it is rebuilt by a prefill of the most recent block_size//2
-    tokens (positions restart at 0), so the model never sees more context than it was trained
-    on. vocab_limit: ids >= it are never sampled (the padding of a rounded-up vocab_size).
-    return_logits: also return, for each new token, the float32 logits it was sampled from.
-    """
-    config = model.config
-    block = config.block_size
-    keep = max(block // 2, 1)  # tokens kept when a full cache is rebuilt
-    model = cast_floats(model, jnp.dtype(config.compute_dtype))  # once, not once per token
-    prompt = prompt[-block:].astype(jnp.int32)
-    vocab = jnp.arange(config.vocab_size)
-    allowed = None if vocab_limit is None else vocab < vocab_limit
-
-    def next_logits(logits):
-        return logits[-1] if allowed is None else jnp.where(allowed, logits[-1], -jnp.inf)
-
-    logits, cache = extend(model, prompt, empty_cache(config))
-    window = jnp.zeros(block, jnp.int32).at[: prompt.shape[0]].set(prompt)  # tokens in the cache
-
-    def step(carry, step_key):
-        logits, cache, window = carry
-        token = sample_token(logits, step_key, temperature, top_k, top_p)
-
-        def append(cache, window):
-            window = jax.lax.dynamic_update_slice(window, token[None], (cache.length,))
-            new_logits, cache = extend(model, token[None], cache)
-            return next_logits(new_logits), cache, window
-
-        def rebuild(cache, window):
-            recent = jnp.concatenate([window[block - keep + 1 :], token[None]])  # keep tokens
-            new_logits, cache = extend(model, recent, empty_cache(config))
-            return next_logits(new_logits), cache, jnp.zeros_like(window).at[:keep].set(recent)
-
-        # The cache length depends only on the step, never on the sample, so under vmap this
-        # stays a real branch (not both sides computed and one selected). A version that split
-        # the steps into branch-free scans gave 989 tokens/s where this one had given 3,998 (one
-        # H100, shakespeare shape, batch 1, in two sessions; BENCHMARKS.md), so the branch stays.
-        carry = jax.lax.cond(cache.length < block, append, rebuild, cache, window)
-        return carry, (token, logits) if return_logits else token
-
-    carry = (next_logits(logits), cache, window)
-    _, out = jax.lax.scan(step, carry, jr.split(key, max_new_tokens))
-    return out
 
 
 def with_config(model: GPT, config: GPTConfig) -> GPT:

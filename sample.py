@@ -30,7 +30,8 @@ import numpy as np
 
 import data
 from cli import ArgumentParser, UserError, run_cli
-from model import GPT, GPTConfig, cast_floats, embed, generate, sample_token, with_config
+from decode import generate, sample_token
+from model import GPT, GPTConfig, cast_floats, embed, with_config
 
 SEPARATOR = "---------------"
 

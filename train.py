@@ -33,7 +33,8 @@ import data
 import evaluation
 import gpt2
 from cli import UserError
-from model import GPT, GPTConfig, flops_per_token, generate, loss_fn, num_params
+from decode import generate
+from model import GPT, GPTConfig, flops_per_token, loss_fn, num_params
 
 # Orbax logs through absl, also for files it cannot parse; those failures reach the user as one
 # UserError line (restore_checkpoint), so its own log lines would only repeat them.
@@ -74,9 +75,7 @@ class TrainConfig:
     seed: int = 1337  # parameters, dropout and batch order
     init_from: str = ""  # GPT-2 weights to start from: a directory, or gpt2, gpt2-medium, ...
     hellaswag: str = ""  # a HellaSwag jsonl scored at each eval_interval (GPT-2 BPE data only)
-    # The step has no atomics of its own (model.embed): shakespeare_char reruns bit for bit on a
-    # GPU. GPT-2 124M did not (|diff| 5e-7 after 3 steps): cuDNN attention's backward or split-K
-    # matmuls. XLA's deterministic kernels cost +10.6% on the earlier step (shared/measurements).
+    # GPT-2 124M does not rerun bit for bit on a GPU without it (BENCHMARKS.md, "Determinism")
     deterministic: bool = False  # XLA's deterministic GPU kernels: exact reruns, ~10% slower
     profile_steps: int = 5  # steps traced by --debug
     target_val_loss: float = 0.0  # stop at the first evaluation with val loss <= this; 0: off

@@ -24,7 +24,8 @@ from safetensors.numpy import load_file, save_file
 import gpt2
 import train
 from cli import UserError
-from model import GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, generate, with_config
+from decode import generate
+from model import GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, with_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GPT2 = REPO.parent / "shared" / "data" / "tiny-gpt2"

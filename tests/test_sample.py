@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import model as model_py
-from model import (GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, generate,
-                   sample_token, top_k_filter, top_p_filter, with_config)
+from decode import generate, sample_token, top_k_filter, top_p_filter
+from model import GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, with_config
 from sample import SEPARATOR, generate_samples, sample_keys
 
 REPO = Path(__file__).resolve().parents[1]
