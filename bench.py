@@ -16,6 +16,7 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import re
 import resource
 import sys
@@ -128,6 +129,16 @@ def kernel_times(profile_dir: str, steps: int, top: int = 20) -> list[tuple[str,
     return [(name, ms, round(count[name])) for name, ms in total.most_common(top)]
 
 
+def writable_directory(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file there (FileExistsError), read-only, no permission
+        raise UserError(f"--profile={path}: cannot make that directory ({e.strerror or e}): pass "
+                        "a directory path you can write to") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--profile={path}: cannot write there: pass a directory you can write to")
+
+
 def main(argv):
     parser = ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,6 +153,9 @@ def main(argv):
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
     config = launch.apply_overrides(launch.load_config(args.config), overrides)
+    launch.check_attention(config)
+    if args.profile:  # written after the timed steps: find out now that it cannot be
+        writable_directory(Path(args.profile))
     tokens, source = token_stream(config, args.data_dir)
     result = benchmark(config, args.steps, args.warmup, tokens, args.profile)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a (peak unknown for this device)"

@@ -31,6 +31,7 @@ import numpy as np
 from cli import UserError
 
 SPLITS = ("train", "val")
+TOKENIZERS = ("char", "gpt2", "pixels")  # pixels: prepare_digits.py's grey levels, no text
 META_ORDER = ("tokenizer", "chars", "vocab_size", "dtype", "train_tokens", "val_tokens",
               "train_sha256", "val_sha256", "source")
 IDENTITY_KEYS = ("tokenizer", "chars", "vocab_size", "dtype", "train_sha256", "val_sha256")  # not "source"
@@ -194,6 +195,8 @@ def load_meta(data_dir, verify_hashes: bool = False) -> dict:
     the command that (re)makes it."""
     data_dir = Path(data_dir)
     cmd = prepare_command(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"{data_dir} is a file, not a dataset directory: check --data_dir")
     if not data_dir.is_dir():
         raise UserError(f"{data_dir} does not exist: run `{cmd}` first")
     if not (data_dir / "meta.json").is_file():
@@ -203,6 +206,8 @@ def load_meta(data_dir, verify_hashes: bool = False) -> dict:
     missing = [k for k in required + ["chars"] * (meta.get("tokenizer") == "char") if k not in meta]
     if missing:
         raise UserError(f"{data_dir}/meta.json lacks {', '.join(missing)}: rerun `{cmd} --overwrite`")
+    if problem := _meta_value_problem(meta):
+        raise UserError(f"{data_dir}/meta.json: {problem}: rerun `{cmd} --overwrite`")
     for s in SPLITS:
         path, size = data_dir / f"{s}.bin", meta[f"{s}_tokens"] * np.dtype(meta["dtype"]).itemsize
         if not path.is_file():
@@ -215,6 +220,27 @@ def load_meta(data_dir, verify_hashes: bool = False) -> dict:
     if problem := _example_layout_problem(meta):
         raise UserError(f"{data_dir}/meta.json: {problem}: rerun `{cmd} --overwrite`")
     return meta
+
+
+def _meta_value_problem(meta: dict) -> str | None:
+    """What is wrong with the types and values of meta's required keys, if anything."""
+    is_count = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
+    if meta["tokenizer"] not in TOKENIZERS:
+        return f"tokenizer {meta['tokenizer']!r} is not one of {', '.join(map(repr, TOKENIZERS))}"
+    if not is_count(meta["vocab_size"]) or meta["vocab_size"] < 1:
+        return f"vocab_size {meta['vocab_size']!r} is not a positive integer"
+    for key in ("train_tokens", "val_tokens"):
+        if not is_count(meta[key]):
+            return f"{key} {meta[key]!r} is not an integer >= 0"
+    # token ids are unsigned integers wide enough for the vocabulary (token_dtype): float16 bytes
+    # read as ids would be garbage, and a narrower type cannot hold every id
+    wide_enough = [t for t in ("uint16", "uint32") if np.iinfo(t).max >= meta["vocab_size"] - 1]
+    if meta["dtype"] not in wide_enough:
+        return f"dtype {meta['dtype']!r} is not {' or '.join(map(repr, wide_enough))}"
+    if meta["tokenizer"] == "char" and not (isinstance(meta["chars"], str)
+                                            and len(meta["chars"]) == meta["vocab_size"]):
+        return f"chars is not a string of vocab_size={meta['vocab_size']} characters"
+    return None
 
 
 def _example_layout_problem(meta: dict) -> str | None:
@@ -304,21 +330,21 @@ class BatchSampler:
 
     def __init__(self, tokens, block_size: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
                  process_index: int = 0, process_count: int = 1, *, example_length: int | None = None,
-                 loss_mask=None):
+                 loss_mask=None, vocab_size: int | None = None):
         if min(block_size, batch_size, grad_accum, process_count) < 1 or not 0 <= process_index < process_count:
             raise UserError(f"bad batch settings: block_size {block_size}, batch_size {batch_size}, "
                             f"grad_accum {grad_accum}, process {process_index} of {process_count}")
         if batch_size % process_count:
             raise UserError(f"batch_size {batch_size} does not divide over {process_count} processes: "
                             f"use a multiple of {process_count}")
+        name = Path(tokens.filename).name if getattr(tokens, "filename", None) else "the data"
         if len(tokens) < block_size + 1:
-            name = Path(tokens.filename).name if getattr(tokens, "filename", None) else "the data"
             raise UserError(f"block_size {block_size} is larger than the data ({len(tokens)} tokens in "
                             f"{name}): lower --model.block_size")
         if example_length is not None and example_length != block_size + 1:
             raise UserError(f"the data holds examples of {example_length} tokens, a batch row is one: "
                             f"set --model.block_size={example_length - 1} (it is {block_size})")
-        self.example_length = example_length
+        self.example_length, self.vocab_size, self.name = example_length, vocab_size, name
         self.loss_mask = None if loss_mask is None else np.asarray(loss_mask, bool)
         self.tokens, self.block_size, self.batch_size, self.grad_accum = tokens, block_size, batch_size, grad_accum
         self.seed, self.step = seed, 0
@@ -339,6 +365,11 @@ class BatchSampler:
         window = np.empty(starts.shape + (self.block_size + 1,), np.int32)
         for i, s in np.ndenumerate(starts):
             window[i] = self.tokens[s : s + self.block_size + 1]  # one contiguous read per row
+        # every batch is checked (a max over it is cheap; a scan of a 17 GB split at start is not)
+        if self.vocab_size is not None and window.max(initial=0) >= self.vocab_size:
+            raise UserError(f"{self.name} holds token id {window.max()}, outside the vocabulary of "
+                            f"{self.vocab_size} in meta.json: the .bin files and meta.json do not "
+                            "belong together; prepare the dataset again with --overwrite")
         x, y = window[..., :-1], window[..., 1:]
         if self.loss_mask is not None:
             y = np.where(self.loss_mask, y, IGNORE).astype(np.int32)

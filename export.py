@@ -8,6 +8,7 @@ picked as sample.py picks it (--checkpoint); the vocabulary's padding rows (5030
 dropped. An existing --out is refused unless --overwrite.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def main(argv=None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the files in --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out={out} is a file: pass a directory to write the model into")
     if any((out / name).exists() for name in ("config.json", "model.safetensors")) and not args.overwrite:
         raise UserError(f"{out} already holds a model: pass --overwrite or another --out")
 
@@ -44,7 +47,13 @@ def main(argv=None) -> None:
         pass  # the data directory is gone: keep every row
     step = checkpoint_step(train, Path(args.rundir), args.checkpoint)
     _, model = train.load_model(args.rundir, str(step))
-    gpt2.save(model, out, vocab_size)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):  # asked first: safetensors' own error names no cause
+            raise OSError("read-only or no permission")
+        gpt2.save(model, out, vocab_size)
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({e.strerror or e}): pass another --out") from None
     print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} (step {step}, "
           f"vocabulary {vocab_size})", file=sys.stderr)
 

@@ -16,6 +16,7 @@ import inspect
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 from cli import ArgumentParser, UserError, run_cli
@@ -34,12 +35,30 @@ def load_config(name: str):
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except ValueError as e:
-        raise UserError(f"{path}: {e}") from None
+    except Exception as e:  # a config is code: any mistake in it is the user's to fix
+        raise UserError(f"{path}, line {error_line(e, path)}: {type(e).__name__}: {e}") from None
     config = getattr(module, "config", None)
     if not isinstance(config, TrainConfig):
         raise UserError(f"{path} must define `config = TrainConfig(...)`")
     return config
+
+
+def check_attention(config) -> None:
+    """attention="cudnn" runs only on NVIDIA GPUs: say so before the run directory is made."""
+    import jax
+
+    if config.model.attention == "cudnn" and jax.devices()[0].platform != "gpu":
+        raise UserError(f"model.attention=cudnn needs an NVIDIA GPU with cuDNN, and this machine "
+                        f"runs on {jax.devices()[0].platform}: use --model.attention=auto or xla")
+
+
+def error_line(error: Exception, path: Path):
+    """The line of path where error was raised: the last frame in that file (or, for a
+    SyntaxError, the line it points at)."""
+    if isinstance(error, SyntaxError) and error.filename == str(path):
+        return error.lineno
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    return frames[-1].lineno if frames else "?"
 
 
 def parse_value(text: str, like, key: str):
@@ -167,7 +186,13 @@ def main(argv=None):
         if not args.rundir:
             raise UserError("--multihost needs --rundir: every host must write to the same place")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only clusters
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        try:
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        except (ValueError, RuntimeError) as e:  # no cluster environment, coordinator unreachable
+            raise UserError(f"--multihost: cannot join a cluster ({str(e).splitlines()[0]}): pass "
+                            "--coordinator, --num_processes and --process_id, or run under a "
+                            "scheduler JAX detects (SLURM, Open MPI, ...)") from None
+    check_attention(config)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = Path(args.config).stem if args.config else "run"
     rundir = Path(args.rundir or f"runs/{name}-{stamp}")

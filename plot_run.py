@@ -38,6 +38,14 @@ def main(argv=None) -> None:
     except ImportError:
         raise UserError("plot_run.py needs matplotlib: pip install matplotlib") from None
 
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    out, formats = Path(args.out), FigureCanvasBase.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise UserError(f"--out={out}: the name must end in a format matplotlib writes "
+                        f"({', '.join('.' + f for f in sorted(formats))}), e.g. loss.png")
+    if not out.parent.is_dir():
+        raise UserError(f"--out={out}: the directory {out.parent} does not exist: create it first")
     rundir = Path(args.rundir)
     scalars = read_scalars(rundir)
     curves = [("train/loss", "train loss (each step)", 0.35), ("eval/train_loss", "train loss (eval)", 1),
@@ -60,7 +68,10 @@ def main(argv=None) -> None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(args.out)
+    try:
+        figure.savefig(out)
+    except OSError as e:  # read-only, no permission, a directory of that name, a full disk
+        raise UserError(f"cannot write {out} ({e.strerror or e}): pass another --out") from None
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -196,9 +196,12 @@ def main(argv=None) -> dict:
                 bar.update(len(lengths))
                 tokens_per_s = (w.tokens["train"] + w.tokens["val"]) / (time.time() - t0)
                 bar.set_postfix_str(f"{tokens_per_s / 1e6:.2f}M tok/s", refresh=False)
-        if n_docs == 0:
-            raise UserError(f"{args.input} holds no documents")
-        if n_val == 0 and n_docs >= 2:  # an empty val split would only fail later, at eval
+        if n_docs < 2:  # a train and a val split need a document each (as prepare_shakespeare.py)
+            raise UserError(f"{source} holds {'no documents' if not n_docs else 'one document'}: "
+                            "need at least two, one for the val split")
+        if n_val == n_docs:
+            raise UserError(f"all {n_docs} documents fell in val: lower --val_fraction")
+        if n_val == 0:  # an empty val split would only fail later, at eval
             w.move_tail(last_train_len)  # the last train document is the tail of train.bin
             n_val = 1
         meta = w.commit({"tokenizer": "gpt2", **settings, "documents": n_docs, "val_documents": n_val},

@@ -6,11 +6,15 @@ checkpoints -> `train(config, rundir)`. `launch.py` is the command line on top o
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -93,6 +97,8 @@ class TrainConfig:
                      "target_val_loss"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be a number >= 0")
+        if self.seed >= 2**63:  # jax.random.key takes a signed 64-bit seed
+            raise ValueError(f"seed={self.seed}: must be < 2**63")
         if self.learning_rate == 0:
             raise ValueError("learning_rate=0: must be > 0")
         if self.min_lr > self.learning_rate:
@@ -134,9 +140,11 @@ def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
     fsdp = n_devices // config.data_parallel if config.fsdp == -1 else config.fsdp
     used = config.data_parallel * fsdp
     if fsdp < 1 or used > n_devices:
+        needed = config.data_parallel * max(config.fsdp, 1)  # fsdp=-1 takes what is left: >= 1
         raise UserError(
-            f"data_parallel={config.data_parallel} x fsdp={config.fsdp} needs {used} devices, "
-            f"{n_devices} found: lower --data_parallel or --fsdp"
+            f"data_parallel={config.data_parallel} x fsdp={config.fsdp} needs "
+            f"{'at least ' * (config.fsdp == -1)}{needed} devices, {n_devices} found: "
+            "lower --data_parallel or --fsdp"
         )
     if config.batch_size % used:
         raise UserError(
@@ -398,23 +406,130 @@ def read_run_config(rundir: Path) -> TrainConfig:
         raise UserError(f"{path} is not a valid eqxgpt config ({e}): check --rundir") from None
 
 
-def check_rundir(config: TrainConfig, rundir: Path) -> None:
-    """Refuses a run directory made by a different model before anything is written into it."""
+# What a resume may change. Any setting may, and the new value takes effect (logged, and kept in
+# config.json's history), except those the checkpoint fixes, where a new value could not:
+REFUSED_ON_RESUME = {
+    "seed": "batches and dropout keep the checkpoint's seed",
+    "init_from": "the weights come from the checkpoint",
+    "optimizer": "the checkpoint holds the state of the optimizer it was trained with",
+}
+# ... and the model, except how the same function is computed (not what it computes).
+MODEL_MAY_CHANGE_ON_RESUME = ("attention", "remat", "unroll_layers")
+
+
+def check_rundir(config: TrainConfig, rundir: Path, meta: dict | None = None) -> dict:
+    """Refuses a run directory that config cannot run in, before anything is written into it:
+    a file, another model, other data (meta), a setting a resume cannot change. Returns the
+    settings a resume changes, {name: (old, new)}."""
+    if rundir.exists() and not rundir.is_dir():
+        raise UserError(f"--rundir={rundir} is a file, not a run directory: pass a directory")
+    checkpoints = rundir / "checkpoints"
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise UserError(f"{checkpoints} is a file where the run's checkpoints belong: move it away")
     if not (rundir / "config.json").exists():
-        if (rundir / "checkpoints").is_dir() and any((rundir / "checkpoints").iterdir()):
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
             raise UserError(f"{rundir} has checkpoints but no config.json: use a new --rundir")
-        return
+        return {}
     previous = read_run_config(rundir)
-    # How the same function is computed may change on resume; what it computes may not.
-    how = ("attention", "remat", "unroll_layers")
-    changed = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in how
+    changed = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in MODEL_MAY_CHANGE_ON_RESUME
                and getattr(previous.model, f.name) != getattr(config.model, f.name)]
     if changed:
         raise UserError(f"{rundir} holds a run of a different model (model.{', model.'.join(changed)} "
                         "differ): use a new --rundir or the original config")
+    recorded = json.loads((rundir / "config.json").read_text()).get("data")
+    for split in data.SPLITS if meta is not None and isinstance(recorded, dict) else ():
+        was, now = recorded.get(f"{split}_sha256"), meta.get(f"{split}_sha256")
+        if was and now and was != now:
+            raise UserError(f"{config.data_dir} holds other data than the run in {rundir} was "
+                            f"trained on ({split}.bin's sha256 differs from its config.json): the "
+                            "token ids would mean other tokens; start a new --rundir")
+    old = {**dataclasses.asdict(previous), **flat_model(previous)}
+    new = {**dataclasses.asdict(config), **flat_model(config)}
+    changes = {name: (old.get(name), value) for name, value in new.items()
+               if name != "model" and old.get(name) != value}
+    for name, why in REFUSED_ON_RESUME.items():
+        if name in changes:
+            raise UserError(f"{rundir} was trained with {name}={changes[name][0]!r}, and "
+                            f"{name}={changes[name][1]!r} cannot take effect on resume ({why}): "
+                            f"keep {name}, or start a new --rundir")
+    return changes
+
+
+def flat_model(config: TrainConfig) -> dict:
+    return {f"model.{name}": value for name, value in dataclasses.asdict(config.model).items()}
+
+
+def resume_history(rundir: Path, step: int, changes: dict) -> list:
+    """config.json's history of resumes that changed settings, with this one (if it did)."""
+    path = rundir / "config.json"
+    history = json.loads(path.read_text()).get("history", []) if path.exists() else []
+    if changes:
+        history.append({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "changes": {name: list(values) for name, values in changes.items()}})
+    return history
+
+
+@contextlib.contextmanager
+def rundir_lock(rundir: Path):
+    """Holds rundir/train.lock while training there, so a second training in it is refused. The
+    kernel releases the lock when its process ends, however it ends: a lock file left by a dead
+    process is free, and its content (who held it last) is overwritten."""
+    if jax.process_index() != 0:  # process 0 holds it for the whole run
+        yield
+        return
+    path = rundir / "train.lock"
+    try:
+        rundir.mkdir(parents=True, exist_ok=True)
+        lock_file = open(path, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to {rundir} ({e.strerror or e}): pass a --rundir you can "
+                        "write to, or copy this one to such a place") from None
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            raise UserError(f"{rundir} is in use by another training ({holder}): wait for it to "
+                            "end or stop it, or pass another --rundir") from None
+        lock_file.truncate(0)
+        lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock_file.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step's directory once it is whole
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether error, or one it arose from, says the disk is full. Orbax's array writes (through
+    tensorstore) report it as a ValueError that quotes the OS's message."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_is_user_error(rundir: Path):
+    """A full disk, wherever in the run it shows (a checkpoint, log.txt, events), is one line
+    naming the last complete checkpoint, which survives it (orbax renames a step when whole)."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        steps = sorted(int(p.name) for p in (rundir / "checkpoints").glob("*")
+                       if p.name.isdigit() and (p / COMMIT_MARKER).exists())
+        kept = f"the last good checkpoint is step {steps[-1]}" if steps else "no checkpoint was written"
+        raise UserError(f"the disk holding {rundir} is full: {kept}; free some space, then rerun "
+                        f"with --rundir={rundir} to resume") from None
 
 
 def set_aside_incomplete_checkpoints(rundir: Path) -> list[str]:
@@ -456,6 +571,14 @@ def checkpoint_manager(rundir: Path, keep_last: int | None = None) -> ocp.Checkp
 
 
 def save_checkpoint(manager, step, params, opt_state, run_state: dict, val_loss=None):
+    # A save that runs out of space fails inside orbax's threads, which print a traceback per
+    # write still pending: refuse before writing when the free space cannot hold the checkpoint.
+    manager.wait_until_finished()  # the last save is on disk, so the free space is exact
+    needed = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves((params, opt_state)))
+    free = shutil.disk_usage(manager.directory).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: checkpoint {step} needs "
+                      f"{needed:,} bytes, {free:,} are free")
     # Separate items, so sampling can restore the parameters without the optimizer state.
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(params),
@@ -618,11 +741,14 @@ def open_data(config: TrainConfig, mesh):
         evaluation.read_hellaswag(config.hellaswag, config.model.block_size)
 
     def sampler(split, seed, grad_accum):
+        if meta[f"{split}_tokens"] == 0:
+            raise UserError(f"the {split} split of {config.data_dir} is empty: prepare the dataset "
+                            "from more text")
         tokens = data.open_split(config.data_dir, split, meta)
         return data.BatchSampler(tokens, config.model.block_size, config.batch_size, grad_accum,
                                  seed, jax.process_index(), jax.process_count(),
                                  example_length=meta.get("example_length"),
-                                 loss_mask=meta.get("loss_mask"))
+                                 loss_mask=meta.get("loss_mask"), vocab_size=meta["vocab_size"])
 
     train_batches = sampler("train", config.seed, config.grad_accum)
     eval_batches = {"train": sampler("train", config.seed + 1, 1),
@@ -658,7 +784,7 @@ def create_or_restore_state(config: TrainConfig, abstract, manager, train_batche
 
 
 @contextlib.contextmanager
-def run_outputs(config: TrainConfig, rundir: Path, meta: dict, progress_bar: bool):
+def run_outputs(config: TrainConfig, rundir: Path, meta: dict, progress_bar: bool, history=()):
     """(log, writer, bar): log(line) prints a line and appends it to log.txt; writer takes
     TensorBoard scalars; bar is the tqdm progress bar (disabled when stdout is no terminal).
     Only process 0 writes. With the bar on, per-step lines go to log.txt only (the bar shows
@@ -671,6 +797,7 @@ def run_outputs(config: TrainConfig, rundir: Path, meta: dict, progress_bar: boo
         "config": dataclasses.asdict(config), "git_commit": git_commit(),
         "data": {"dir": config.data_dir, "train_sha256": meta.get("train_sha256"),
                  "val_sha256": meta.get("val_sha256")},
+        "history": list(history),  # resumes that changed settings: {step, time, changes}
     })
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
@@ -695,31 +822,37 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     """Trains (or resumes) the run in rundir; returns the final model."""
     rundir = Path(rundir)
     mesh = make_mesh(config)
-    check_rundir(config, rundir)
     meta, train_batches, eval_batches, to_global = open_data(config, mesh)
-    manager, set_aside = (None, []) if debug else open_checkpoints(config, rundir)
-    abstract = abstract_state(config, mesh)
-    params, opt_state, key_data, start = create_or_restore_state(config, abstract, manager,
-                                                                 train_batches)
-    abstract_params, _, static, optimizer = abstract
-    model = eqx.combine(params, static)
-    if start >= config.max_steps:  # a finished run, started again: nothing to write
-        manager.close()
-        if jax.process_index() == 0:
-            print(f"nothing to do: {rundir} is at step {start} of max_steps={config.max_steps} "
-                  "(raise --max_steps to train on)", flush=True)
-        return model
-    train_step = make_train_step(config, optimizer, abstract_params)
-    with run_outputs(config, rundir, meta, sys.stdout.isatty()) as (log, writer, bar):
-        if set_aside:
-            log(f"incomplete checkpoints (a crash mid-save) moved to "
-                f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
-        log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
-            f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
-            f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
-            f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
-        return train_loop(config, rundir, debug, model, opt_state, key_data, start, train_step,
-                          (train_batches, eval_batches, to_global, meta), manager, (log, writer, bar))
+    changes = check_rundir(config, rundir, meta)
+    with rundir_lock(rundir), disk_full_is_user_error(rundir):
+        manager, set_aside = (None, []) if debug else open_checkpoints(config, rundir)
+        abstract = abstract_state(config, mesh)
+        params, opt_state, key_data, start = create_or_restore_state(config, abstract, manager,
+                                                                     train_batches)
+        abstract_params, _, static, optimizer = abstract
+        model = eqx.combine(params, static)
+        if start >= config.max_steps:  # a finished run, started again: nothing to write
+            manager.close()
+            if jax.process_index() == 0:
+                print(f"nothing to do: {rundir} is at step {start} of max_steps={config.max_steps} "
+                      "(raise --max_steps to train on)", flush=True)
+            return model
+        train_step = make_train_step(config, optimizer, abstract_params)
+        history = resume_history(rundir, start, changes)
+        with run_outputs(config, rundir, meta, sys.stdout.isatty(), history) as (log, writer, bar):
+            if set_aside:
+                log(f"incomplete checkpoints (a crash mid-save) moved to "
+                    f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
+            if changes:
+                log("resumed with " + ", ".join(f"{name} {old!r} -> {new!r}"
+                                                for name, (old, new) in changes.items()))
+            log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
+                f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
+                f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
+                f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
+            return train_loop(config, rundir, debug, model, opt_state, key_data, start, train_step,
+                              (train_batches, eval_batches, to_global, meta), manager,
+                              (log, writer, bar))
 
 
 def exact_match(model, config: TrainConfig, meta: dict, step: int, log, writer) -> float:
