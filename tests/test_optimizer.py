@@ -244,3 +244,18 @@ def test_a_bad_muon_value_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: ") and "muon_momentum" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_muon_orthogonalises_q_k_and_v_apart():
+    # q's gradient 10^4 times k's and v's: orthogonalised as one fused matrix, k and v would
+    # vanish beside q; apart, each of the three comes out with singular values near 1.
+    d = 48
+    parts = [jr.normal(jr.key(i), (1, 2 * d, d)) * scale for i, scale in enumerate([100.0, 0.01, 0.01])]
+    grad = {"blocks": {"qkv": {"w": jnp.concatenate(parts, axis=-1)}}}
+    params = jax.tree.map(jnp.zeros_like, grad)
+    muon = train.muon(train.TrainConfig(optimizer="muon"))
+    updates, _ = muon.update(grad, muon.init(params), params)
+    assert updates["blocks"]["qkv"]["w"].shape == (1, 2 * d, 3 * d)
+    for part in jnp.split(updates["blocks"]["qkv"]["w"][0], 3, axis=-1):
+        singular_values = np.linalg.svd(np.asarray(part), compute_uv=False)
+        assert 0.5 < singular_values.min() and singular_values.max() < 1.5, singular_values
