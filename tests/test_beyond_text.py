@@ -169,7 +169,7 @@ def test_completion_accuracy_counts_the_examples_whose_greedy_continuation_match
 
 
 @pytest.mark.slow
-def test_addition_run_logs_exact_match_at_the_end(tmp_path):
+def test_addition_run_logs_exact_match_at_every_evaluation(tmp_path):
     prepared = run(["prepare_addition.py", "--digits", "1", "--out_dir", tmp_path / "add1"])
     assert prepared.returncode == 0, prepared.stderr
     done = run(["launch.py", "--config=addition", f"--data_dir={tmp_path / 'add1'}",
@@ -177,11 +177,12 @@ def test_addition_run_logs_exact_match_at_the_end(tmp_path):
                "--warmup_steps=2", "--eval_interval=10", "--eval_iters=2", "--log_interval=10",
                "--model.n_layer=1", "--model.n_embd=32"])
     assert done.returncode == 0, done.stderr
-    line = next(l for l in done.stdout.splitlines() if "exact match on val" in l)
-    assert line.startswith("step 20 |") and "of 10 examples" in line  # 1-digit: 10 val problems
-    logged = float(line.split("val: ")[1].split("%")[0]) / 100
+    lines = [l for l in done.stdout.splitlines() if "exact match on val" in l]
+    assert [l.split(" |")[0] for l in lines] == ["step 10", "step 20"], lines
+    assert "of 10 examples" in lines[-1]  # 1-digit: 10 val problems
+    logged = float(lines[-1].split("val: ")[1].split("%")[0]) / 100
     events = scalars(tmp_path / "run")["eval/exact_match"]
-    assert list(events) == [20] and events[20] == pytest.approx(logged, abs=5e-5)
+    assert list(events) == [10, 20] and events[20] == pytest.approx(logged, abs=5e-5)
     # the wrong block_size for the data: one line naming the fix, nothing written
     bad = run(["launch.py", "--config=addition", f"--data_dir={tmp_path / 'add1'}",
               f"--rundir={tmp_path / 'bad'}"])
