@@ -29,7 +29,8 @@ NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=Fa
                "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
                "--lr_decay_iters=2000", "--dropout=0.0"]
 # "step 250: train loss 2.1, val loss 2.2" (nanoGPT) and "step 250 | eval: train 2.1 | val 2.2"
-EVAL_LINE = re.compile(r"step (\d+)(?::| \|).*val(?: loss)? (\d+\.\d+)")
+EVAL_LINE = re.compile(r"step (\d+)(?:: train loss [\d.]+, val loss | \| eval: train [\d.]+ \| val )"
+                       r"(\d+\.\d+)")
 
 
 def timed_run(command: list[str], cwd: Path, target: float) -> dict:

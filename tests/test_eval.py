@@ -24,10 +24,11 @@ import prepare_addition
 import prepare_shakespeare
 import train
 from cli import UserError, run_cli
+from conftest import SHARED
 from model import GPT, GPTConfig, with_config
 from test_train import assert_one_line_error, run, scalars, tiny_config
 
-TINY_GPT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-gpt2"
+TINY_GPT2 = SHARED / "data" / "tiny-gpt2"
 FIXTURE = TINY_GPT2 / "hellaswag_fixture.jsonl"
 
 

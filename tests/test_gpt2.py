@@ -24,11 +24,12 @@ from safetensors.numpy import load_file, save_file
 import gpt2
 import train
 from cli import UserError
+from conftest import SHARED
 from decode import generate
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, with_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_GPT2 = REPO.parent / "shared" / "data" / "tiny-gpt2"
+TINY_GPT2 = SHARED / "data" / "tiny-gpt2"
 
 
 @pytest.fixture(scope="module")
