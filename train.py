@@ -111,10 +111,6 @@ class TrainConfig:
         for name in ("beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
-        schedule = self.lr_decay_steps or self.max_steps
-        if self.warmup_steps > schedule:
-            raise ValueError(f"warmup_steps={self.warmup_steps}: must not exceed the schedule's "
-                             f"{schedule} steps (lr_decay_steps, or max_steps when it is 0)")
         if self.fsdp != -1 and self.fsdp < 1:
             raise ValueError(f"fsdp={self.fsdp}: must be >= 1, or -1 for all devices left")
         devices = self.data_parallel * max(self.fsdp, 1)
@@ -368,13 +364,23 @@ def eval_step(model, tokens, targets):
     return loss_fn(model, tokens[0], targets[0])
 
 
+def bar_width() -> dict:
+    """tqdm's width: the terminal's, or 80 columns where it reports none (a pty of width 0),
+    on which a bar that follows the terminal would shrink to nothing."""
+    try:
+        columns = os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # not a terminal, or no file descriptor
+        columns = 0
+    return {"dynamic_ncols": True} if columns > 0 else {"ncols": 80}
+
+
 def evaluate(model, samplers: dict, config: TrainConfig, to_global, show=False) -> dict[str, float]:
     """Mean loss over the same eval_iters batches of each split every time: comparable over a run.
     show: a short progress bar per split (it counts batches sent, not finished: no sync)."""
     losses = {}
     for split, sampler in samplers.items():
         batches = tqdm(range(config.eval_iters), desc=f"eval {split}", unit="batch", leave=False,
-                       file=sys.stdout, dynamic_ncols=True, disable=not show)
+                       file=sys.stdout, disable=not show, **bar_width())
         batch_losses = [eval_step(model, *map(to_global, sampler.batch(i))) for i in batches]
         losses[split] = jax.device_get(jnp.mean(jnp.stack(batch_losses))).item()  # one sync
     return losses
@@ -833,7 +839,7 @@ def run_outputs(config: TrainConfig, rundir: Path, meta: dict, progress_bar: boo
 
     writer = SummaryWriter(str(rundir))
     writer.add_text("config", "```\n" + json.dumps(dataclasses.asdict(config), indent=2) + "\n```")
-    bar = tqdm(total=config.max_steps, unit="step", file=sys.stdout, dynamic_ncols=True,
+    bar = tqdm(total=config.max_steps, unit="step", file=sys.stdout, **bar_width(),
                disable=not progress_bar, desc="compiling...")
     with open(rundir / "log.txt", "a") as log_file, writer, bar:
 
@@ -876,6 +882,10 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             if changes:
                 log("resumed with " + ", ".join(f"{name} {old!r} -> {new!r}"
                                                 for name, (old, new) in changes.items()))
+            if config.warmup_steps >= config.max_steps:  # a short try run: never refused for it
+                log(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the run "
+                    f"ends inside the warmup, at lr {float(lr_schedule(config)(config.max_steps)):.2e} "
+                    f"of the peak {config.learning_rate:.2e}")
             log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
                 f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
                 f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "

@@ -31,7 +31,7 @@ from model import GPT, GPTConfig, flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to compile and run in seconds; float32 so runs on different meshes agree closely.
-# warmup_steps=2: a config's warmup may not outlast these runs' few steps.
+# warmup_steps=2: these runs of a few steps reach the peak learning rate.
 TINY_OVERRIDES = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=4",
                   "--model.block_size=32", "--batch_size=8", "--eval_iters=2", "--log_interval=1",
                   "--warmup_steps=2"]
@@ -557,7 +557,7 @@ def test_deterministic_switch_sets_xla_flag_before_the_backend_starts(tmp_path):
 
 BAD_VALUES = [("--learning_rate=-1", "learning_rate"), ("--model.dropout=1.5", "dropout"),
               ("--model.n_layer=0", "n_layer"), ("--beta2=1.0", "beta2"),
-              ("--min_lr=0.5", "min_lr"), ("--warmup_steps=3000", "warmup_steps"),
+              ("--min_lr=0.5", "min_lr"),
               ("--eval_iters=0", "eval_iters"), ("--data_parallel=5", "batch_size")]
 
 
@@ -758,3 +758,33 @@ def test_plot_run_reads_every_logged_scalar_and_says_when_matplotlib_is_missing(
               f"sys.argv = ['plot_run.py', '--rundir={tmp_path}']; "
               "runpy.run_path('plot_run.py', run_name='__main__')")
     assert_one_line_error(run(["-c", script]), "pip install matplotlib")
+
+
+def test_a_short_run_is_never_refused_for_its_warmup_and_says_so(data_dir, tmp_path):
+    config = tiny_config(data_dir, max_steps=3, warmup_steps=100, eval_interval=3)
+    train.train(config, tmp_path / "run")  # the config's warmup is longer than the run
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "warmup_steps=100 >= max_steps=3: the run ends inside the warmup" in log, log
+    assert "step 3 | eval" in log
+    lr = scalars(tmp_path / "run")["train/lr"]
+    assert 0 < lr[3] < 0.05 * config.learning_rate  # 2 of 100 warmup steps
+
+
+def test_the_progress_bar_keeps_a_width_on_a_terminal_that_reports_none(monkeypatch):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from tqdm import tqdm
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 0, 0, 0))  # 0 columns
+    with os.fdopen(follower, "w") as terminal:
+        monkeypatch.setattr(sys, "stdout", terminal)
+        bar = tqdm(total=10, file=terminal, **train.bar_width())
+        bar.update(5)
+        bar.close()
+    shown = os.read(leader, 4096).decode()
+    os.close(leader)
+    assert "50%" in shown and "█" in shown, shown  # a bar, not an empty line
