@@ -286,6 +286,30 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
 
+def addition_text(tokens, digits: int) -> str:
+    """'12+34=46' from the tokens of one addition problem (prepare_addition.py): a's digits, b's,
+    then the sum's digits + 1 digits reversed."""
+    tokens = [int(t) for t in tokens]
+    a = "".join(map(str, tokens[:digits]))
+    b = "".join(map(str, tokens[digits : 2 * digits]))
+    answer = "".join(map(str, tokens[2 * digits :][::-1])).lstrip("0") or "0"
+    return f"{int(a)}+{int(b)}={answer}"
+
+
+class AdditionTokenizer(CharTokenizer):
+    """The digits as characters; decodes whole problems as '12+34=46', one a line."""
+
+    def __init__(self, digits: int):
+        super().__init__("0123456789")
+        self.digits = digits
+
+    def decode(self, ids) -> str:
+        ids, size = [int(i) for i in ids], 3 * self.digits + 1
+        whole = len(ids) // size * size
+        lines = [addition_text(ids[i : i + size], self.digits) for i in range(0, whole, size)]
+        return "\n".join(lines + ([super().decode(ids[whole:])] if ids[whole:] else []))
+
+
 class GPT2Tokenizer:
     """tiktoken's GPT-2 BPE. encode_ordinary: "<|endoftext|>" in a text is text, not token 50256."""
 
@@ -307,6 +331,8 @@ class GPT2Tokenizer:
 
 
 def load_tokenizer(meta: dict):
+    if meta["tokenizer"] == "char" and "digits" in meta and "example_length" in meta:
+        return AdditionTokenizer(meta["digits"])  # prepare_addition.py's problems
     if meta["tokenizer"] == "char":
         return CharTokenizer(meta["chars"])
     if meta["tokenizer"] == "gpt2":

@@ -16,6 +16,7 @@ import argparse
 
 import numpy as np
 
+import data
 from cli import ArgumentParser, UserError, run_cli
 from data import write_dataset
 
@@ -43,11 +44,7 @@ def encode(pairs: np.ndarray, digits: int) -> np.ndarray:
 
 def decode(tokens, digits: int) -> str:
     """'12+34=46' from the tokens of one problem (or of a prompt and a decoded answer)."""
-    tokens = [int(t) for t in tokens]
-    a = "".join(map(str, tokens[:digits]))
-    b = "".join(map(str, tokens[digits : 2 * digits]))
-    answer = "".join(map(str, tokens[2 * digits :][::-1])).lstrip("0") or "0"
-    return f"{int(a)}+{int(b)}={answer}"
+    return data.addition_text(tokens, digits)
 
 
 def main(argv=None) -> dict:

@@ -52,6 +52,11 @@ def test_addition_holds_every_problem_once_split_by_problem_with_correct_sums(tm
     assert meta["loss_mask"] == [0] * (2 * digits - 1) + [1] * (digits + 1)
     assert meta["completion_eval"] == {"prompt_length": 2 * digits}
     assert prepare_addition.decode([1, 2, 3, 4, 6, 4, 0], 2) == "12+34=46"
+    # sample.py's tokenizer for this data speaks the same language, one problem a line
+    tokens, text = {1: ([3, 4, 7, 0, 9, 9, 8, 1, 5], "3+4=7\n9+9=18\n5"),
+                    2: ([1, 2, 3, 4, 6, 4, 0, 9, 9, 0, 1, 0, 0, 1, 5], "12+34=46\n99+1=100\n5")}[digits]
+    tokenizer = data.load_tokenizer(meta)
+    assert tokenizer.decode(tokens) == text and tokenizer.encode("1234") == [1, 2, 3, 4]
 
 
 def test_addition_bad_arguments_are_one_line(tmp_path):
