@@ -91,6 +91,9 @@ def read_config(directory: Path) -> tuple[GPTConfig, int]:
         hf = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{directory / 'config.json'} cannot be read ({e})") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"{directory / 'config.json'} holds a JSON {type(hf).__name__}, not the "
+                        "object of Hugging Face's GPT-2 config: check --init_from")
     unsupported = {"model_type": "gpt2", "activation_function": "gelu_new",
                    "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                    "reorder_and_upcast_attn": False, "tie_word_embeddings": True}

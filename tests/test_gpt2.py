@@ -104,7 +104,8 @@ def test_openai_names_with_mask_buffers_and_an_explicit_tied_head_load(loaded, t
         np.testing.assert_array_equal(a, b)
 
 
-def broken_copy(tmp_path, change_tensors=None, change_config=None, truncate=False) -> str:
+def broken_copy(tmp_path, change_tensors=None, change_config=None, truncate=False,
+                raw_config=None) -> str:
     tensors = load_file(TINY_GPT2 / "model.safetensors")
     config = json.loads((TINY_GPT2 / "config.json").read_text())
     if change_tensors:
@@ -112,7 +113,7 @@ def broken_copy(tmp_path, change_tensors=None, change_config=None, truncate=Fals
     if change_config:
         change_config(config)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(raw_config or json.dumps(config))
     if truncate:
         data = (tmp_path / "model.safetensors").read_bytes()
         (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -132,6 +133,7 @@ BROKEN = {
                            "another architecture"),
     "more layers than the file": (dict(change_config=lambda c: c.update(n_layer=3)), "has no tensor h.2"),
     "truncated file": (dict(truncate=True), "cannot be read"),
+    "config.json not an object": (dict(raw_config="[1, 2]"), "holds a JSON list, not the object"),
 }
 
 
