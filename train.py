@@ -509,7 +509,8 @@ def resume_history(rundir: Path, step: int, changes: dict) -> list:
 def rundir_lock(rundir: Path):
     """Holds rundir/train.lock while training there, so a second training in it is refused. The
     kernel releases the lock when its process ends, however it ends: a lock file left by a dead
-    process is free, and its content (who held it last) is overwritten."""
+    process is free. While held it names its holder; a clean exit empties it again, so a run
+    that ends (or is refused) leaves the run directory's files as they were."""
     if jax.process_index() != 0:  # process 0 holds it for the whole run
         yield
         return
@@ -534,6 +535,7 @@ def rundir_lock(rundir: Path):
         try:
             yield
         finally:
+            lock_file.truncate(0)
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 

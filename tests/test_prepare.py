@@ -174,10 +174,10 @@ def test_openwebtext_single_file_and_tiny_corpora(corpus, tmp_path):
     prepare_openwebtext.main(["--input", str(root / "z.parquet"), "--out_dir", str(tmp_path / "p"),
                               "--num_proc", "1", "--val_fraction", "0"])
     assert check_split(tmp_path / "p", docs[150:]) == [len(docs) - 151]  # val_fraction 0 still gets one
-    (tmp_path / "one.txt").write_text("just one document")
-    meta = prepare_openwebtext.main(["--input", str(tmp_path / "one.txt"), "--out_dir", str(tmp_path / "o"),
-                                     "--num_proc", "1"])
-    assert meta["val_tokens"] == 0 and meta["train_tokens"] == 4  # 3 tokens + EOT; one doc can't be split
+    (tmp_path / "one.txt").write_text("just one document")  # can't be split: nobody could train
+    with pytest.raises(prepare_openwebtext.UserError, match="holds one document: need at least two"):
+        prepare_openwebtext.main(["--input", str(tmp_path / "one.txt"), "--out_dir", str(tmp_path / "o"),
+                                  "--num_proc", "1"])
     (tmp_path / "two.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
     meta = prepare_openwebtext.main(["--input", str(tmp_path / "two.jsonl"), "--out_dir", str(tmp_path / "t"),
                                      "--num_proc", "1", "--val_fraction", "0"])
