@@ -175,7 +175,7 @@ def attention_implementation(config: GPTConfig, dtype) -> str:
 
 
 class Attention(eqx.Module):
-    qkv: Linear
+    qkv: Linear  # fused q, k, v; train.split_qkv finds it by this name, gpt2.TENSORS too
     proj: Linear
     q_norm: RMSNorm | None
     k_norm: RMSNorm | None
@@ -356,7 +356,7 @@ def cast_floats(tree, dtype):
 class GPT(eqx.Module):
     embed: Float[Array, "vocab d"]
     pos_embed: Float[Array, "block d"] | None  # learned positions; None with RoPE
-    blocks: Block  # a stack: every array has a leading n_layer axis
+    blocks: Block  # stacked: a leading n_layer axis; train.in_block_stack knows this name
     final_norm: RMSNorm | LayerNorm
     lm_head: Float[Array, "d vocab"] | None  # None when tied to embed
     config: GPTConfig = eqx.field(static=True)
