@@ -675,8 +675,11 @@ def test_kill_mid_save_and_at_any_moment_then_restarts_end_as_an_uninterrupted_r
 def test_ctrl_c_saves_and_launch_with_only_rundir_resumes_from_the_runs_config(
         data_dir, straight_run, tmp_path):
     rundir = tmp_path / "interrupted"
-    # One evaluation, at the end: a Ctrl-C anywhere before it has unsaved steps to save.
-    process = launch_popen(data_dir, rundir, *INTERRUPTED, "--eval_interval=30")
+    # One evaluation, at step 30: a Ctrl-C anywhere before it has unsaved steps to save. Far
+    # more steps than that, so a fast machine cannot finish the run before the signal lands
+    # (lr_decay_steps fixes the schedule: the first 30 steps are those of the straight run).
+    process = launch_popen(data_dir, rundir, *INTERRUPTED, "--eval_interval=30",
+                           "--max_steps=100000")
     out, err = run_until(process, "step 3 |", lambda p: p.send_signal(signal.SIGINT))
     assert process.returncode == 130 and "Traceback" not in err, err  # quietly, as Ctrl-C does
     saved = re.search(r"interrupted: checkpoint saved at step (\d+); rerun with --rundir=\S+ to "
