@@ -886,7 +886,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                                                 for name, (old, new) in changes.items()))
             if config.warmup_steps >= config.max_steps:  # a short try run: never refused for it
                 log(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the run "
-                    f"ends inside the warmup, at lr {float(lr_schedule(config)(config.max_steps)):.2e} "
+                    f"ends inside the warmup, its last step at lr "
+                    f"{float(lr_schedule(config)(config.max_steps - 1)):.2e} "
                     f"of the peak {config.learning_rate:.2e}")
             log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
                 f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
