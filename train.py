@@ -728,20 +728,34 @@ def preemption_notice(manager):
     JAX's preemption service (started by jax.distributed) receives it, and orbax's
     reached_preemption(step) turns True on every host at the same step, so all save that step.
     """
-    received = threading.Event()
-    previous = None
-    own_handler = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+    received, interrupted = threading.Event(), threading.Event()
+    main_thread = threading.current_thread() is threading.main_thread()
+    own_handler = jax.process_count() == 1 and main_thread
     if own_handler:
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+    if main_thread:
+        # Ctrl-C is noted too, not raised inside a step whose inputs are donated (they could not
+        # be saved); a second Ctrl-C stops at once.
+        def on_ctrl_c(signum, frame):
+            interrupted.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def stop_requested(step: int) -> bool:
+        previous_int = signal.signal(signal.SIGINT, on_ctrl_c)
+
+    def stop_requested(step: int) -> str | None:
+        """"SIGINT", "SIGTERM" (or the multi-host preemption notice), or None: train on."""
+        if interrupted.is_set():
+            return "SIGINT"
         if received.is_set():
-            return True
-        return manager is not None and jax.process_count() > 1 and manager.reached_preemption(step)
+            return "SIGTERM"
+        preempted = manager is not None and jax.process_count() > 1 and manager.reached_preemption(step)
+        return "SIGTERM" if preempted else None
 
     def stop_listening():
         if own_handler:
             signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous_int)
 
     return stop_requested, stop_listening
 
@@ -1031,7 +1045,10 @@ def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_s
                         writer.add_scalar("eval/seconds_to_target", seconds, step)
                     break
 
-            if step < config.max_steps and stop_requested(step):
+            stop = stop_requested(step) if step < config.max_steps else None
+            if stop == "SIGINT":
+                raise KeyboardInterrupt  # after the step in flight: saved just below
+            if stop:
                 # Preempted: the step in flight has finished; save it and wait until it is on
                 # disk before exiting 0, so the scheduler's restart resumes right here.
                 if manager is None:  # --debug
@@ -1045,8 +1062,10 @@ def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_s
                     f"--rundir={rundir} to resume")
                 break
     except KeyboardInterrupt:
-        # Stopping by hand keeps the work: save where we are, then stop (rerun to resume).
-        if manager is not None and step != last_saved:
+        # Stopping by hand keeps the work: save where we are, then stop (rerun to resume). A
+        # second Ctrl-C inside a step leaves its donated inputs deleted: nothing to save then.
+        deleted = any(a.is_deleted() for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+        if manager is not None and step != last_saved and not deleted:
             flush()
             save()
             log(f"interrupted: checkpoint saved at step {step}; rerun with --rundir={rundir} to resume")
