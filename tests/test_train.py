@@ -569,9 +569,10 @@ def test_values_that_cannot_be_right_are_refused_naming_the_field(bad, field):
 
 
 def test_relations_are_checked_on_the_final_values_whatever_the_order():
-    config = launch.load_config("shakespeare_char_cpu")  # warmup_steps=100
-    short = launch.apply_overrides(config, ["--max_steps=50", "--warmup_steps=10"])
-    assert (short.max_steps, short.warmup_steps) == (50, 10)
+    config = launch.load_config("shakespeare_char_cpu")  # learning_rate=1e-3
+    # min_lr=0.002 alone would exceed the peak; with the new peak it does not
+    higher = launch.apply_overrides(config, ["--min_lr=0.002", "--learning_rate=0.01"])
+    assert (higher.min_lr, higher.learning_rate) == (0.002, 0.01)
 
 
 @pytest.mark.slow
