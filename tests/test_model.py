@@ -113,7 +113,7 @@ def test_scan_over_blocks_equals_a_python_loop():
     params, static = eqx.partition(model.blocks, eqx.is_array)
     for layer in range(TINY.n_layer):
         block = eqx.combine(jax.tree.map(lambda a: a[layer], params), static)
-        x = block(x, cos, sin)
+        x, _ = block(x, cos, sin)  # no cache: None comes back
     looped = model.logits(model.final_norm(x))
     np.testing.assert_allclose(forward(model, tokens), looped, atol=1e-5, rtol=1e-5)
 
