@@ -275,9 +275,8 @@ class MLP(eqx.Module):
     def __call__(self, x: Float[Array, "seq d"]) -> Float[Array, "seq d"]:
         if self.activation == "relu2":
             return self.proj(relu_squared(self.fc(x)))
-        # Checkpointed: the backward keeps only the GELU's input, not the ~5 intermediates of its
-        # tanh formula, each as wide as the MLP (4 * n_embd): ~94 -> ~70 ms/step on the 2-core
-        # CPU, with train.py's single-micro-batch path (BENCHMARKS.md).
+        # Checkpointed: the backward keeps only the GELU's input, not the ~5 MLP-wide intermediates
+        # of its tanh formula: a faster CPU step (BENCHMARKS.md, "Training on CPU").
         return self.proj(jax.checkpoint(jax.nn.gelu)(self.fc(x)))
 
 
