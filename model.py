@@ -8,7 +8,9 @@ delicate parts (norm statistics, softmax, logits, loss) in float32.
 
 Modules act on ONE sequence, as in the Equinox examples; batch with `jax.vmap` (see `loss_fn`).
 The blocks are created with `eqx.filter_vmap` (every block parameter has a leading n_layer axis)
-and run with `jax.lax.scan`, so one block is compiled whatever the depth.
+and run with `jax.lax.scan`, so one block is compiled whatever the depth. One function,
+`GPT.run_blocks`, runs them for training, prefill and decoding: the attention takes an optional
+KV cache and hands back its new keys and values, so swapping the attention or the MLP is one class.
 """
 
 import dataclasses
@@ -164,6 +166,24 @@ def apply_rope(x: Float[Array, "seq head head_dim"], cos, sin) -> Float[Array, "
     return out.astype(x.dtype)
 
 
+class KVCache(eqx.Module):
+    """Keys and values of the first `length` tokens, so decoding reruns nothing: the prompt goes
+    through the blocks once (prefill), then each new token is one query against the cache. Room
+    for block_size tokens, the longest context trained on. Positions (RoPE, the mask) count from
+    slot 0, so a cache equals a fresh forward over exactly the tokens it holds; `generate` relies
+    on that when it restarts a full cache. A leading layer axis, except inside a block."""
+
+    k: Float[Array, "*layer block_size head head_dim"]  # in the compute dtype
+    v: Float[Array, "*layer block_size head head_dim"]
+    length: Int[Array, ""]  # slots [0, length) are filled; the rest are never attended to
+
+
+def empty_cache(config: GPTConfig) -> KVCache:
+    shape = (config.n_layer, config.block_size, config.n_head, config.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(config.compute_dtype))
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
 def attention_implementation(config: GPTConfig, dtype) -> str:
     if config.attention != "auto":
         return config.attention
@@ -191,27 +211,34 @@ class Attention(eqx.Module):
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.config = config
 
-    def qkv_heads(self, x: Float[Array, "seq d"], cos, sin):
-        """q, k, v as (seq, head, head_dim), with QK-norm and RoPE (cos is None: no RoPE)
-        applied to q and k."""
-        seq = x.shape[0]
-        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-        q, k, v = (t.reshape(seq, self.config.n_head, self.config.head_dim) for t in (q, k, v))
+    def __call__(
+        self, x: Float[Array, "seq d"], cos, sin, cache: KVCache | None = None, *, key=None
+    ) -> tuple[Float[Array, "seq d"], KVCache | None]:
+        """Causal self-attention over x; given one layer's cache, over the cached tokens and then x.
+        Returns the output and the cache with x's keys and values written in (None without one).
+        cos is None: no RoPE (learned positions)."""
+        seq, n_head, head_dim = x.shape[0], self.config.n_head, self.config.head_dim
+        q, k, v = (t.reshape(seq, n_head, head_dim) for t in jnp.split(self.qkv(x), 3, axis=-1))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if cos is None:
-            return q, k, v
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def __call__(self, x: Float[Array, "seq d"], cos, sin, *, key=None) -> Float[Array, "seq d"]:
-        q, k, v = self.qkv_heads(x, cos, sin)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         impl = attention_implementation(self.config, x.dtype)
         rate = self.config.attn_dropout if key is not None else 0.0
-        if impl == "explicit" or rate > 0:  # jax's fused kernels take no dropout
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k, cache.length, axis=0)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v, cache.length, axis=0)
+            # Query i sees slots 0..length+i: the cached tokens, the new ones up to itself, never
+            # the stale or empty slots after them.
+            mask = jnp.arange(k.shape[0])[None, :] <= (cache.length + jnp.arange(seq))[:, None]
+            # The XLA path: cuDNN's fused kernel is for causal training shapes, not a masked cache.
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+            cache = KVCache(k, v, cache.length + seq)
+        elif impl == "explicit" or rate > 0:  # jax's fused kernels take no dropout
             y = explicit_attention(q, k, v, rate, key)
         else:  # softmax statistics are float32 inside both implementations
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-        return self.proj(y.reshape(x.shape))
+        return self.proj(y.reshape(x.shape)), cache
 
 
 def explicit_attention(q, k, v, rate: float = 0.0, key: PRNGKeyArray | None = None):
@@ -248,9 +275,8 @@ class MLP(eqx.Module):
     def __call__(self, x: Float[Array, "seq d"]) -> Float[Array, "seq d"]:
         if self.activation == "relu2":
             return self.proj(relu_squared(self.fc(x)))
-        # Checkpointed: the backward keeps only the GELU's input, not the ~5 intermediates of its
-        # tanh formula, each as wide as the MLP (4 * n_embd): ~94 -> ~70 ms/step on the 2-core
-        # CPU, with train.py's single-micro-batch path (BENCHMARKS.md).
+        # Checkpointed: the backward keeps only the GELU's input, not the ~5 MLP-wide intermediates
+        # of its tanh formula: a faster CPU step (BENCHMARKS.md, "Training on CPU").
         return self.proj(jax.checkpoint(jax.nn.gelu)(self.fc(x)))
 
 
@@ -269,11 +295,16 @@ class Block(eqx.Module):
         self.mlp = MLP(config, key=k_mlp)
         self.dropout = config.dropout
 
-    def __call__(self, x: Float[Array, "seq d"], cos, sin, *, key=None) -> Float[Array, "seq d"]:
+    def __call__(
+        self, x: Float[Array, "seq d"], cos, sin, cache: KVCache | None = None, *, key=None
+    ) -> tuple[Float[Array, "seq d"], KVCache | None]:
+        """Pre-norm attention then MLP, each added to the residual stream; the cache (this
+        layer's, or None) goes through the attention."""
         k_probs, k_attn, k_mlp = split_key(key, 3)
-        x = x + dropout(self.attn(self.attn_norm(x), cos, sin, key=k_probs), self.dropout, k_attn)
+        y, cache = self.attn(self.attn_norm(x), cos, sin, cache, key=k_probs)
+        x = x + dropout(y, self.dropout, k_attn)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, k_mlp)
-        return x
+        return x, cache
 
 
 # ---- The embedding lookup and the loss, each with a hand-written backward pass
@@ -387,37 +418,47 @@ class GPT(eqx.Module):
         return self.logits(x).astype(jnp.float32)
 
     def hidden(self, x: Float[Array, "seq d"], *, key=None) -> Float[Array, "seq d"]:
-        """Runs the blocks over embedded tokens; returns the final-normed hidden states."""
+        """The final-normed hidden states of embedded tokens x (training, evaluation)."""
+        return self.run_blocks(x, key=key)[0]
+
+    def run_blocks(
+        self, x: Float[Array, "seq d"], cache: KVCache | None = None, *, key=None
+    ) -> tuple[Float[Array, "seq d"], KVCache | None]:
+        """The one way through the blocks, for training, prefill and decoding: adds positions to
+        embedded tokens x, runs the stack and final-norms. Given a cache, x continues the tokens it
+        holds (positions start at cache.length) and it comes back with x's keys and values added."""
         config = self.config
         model = cast_floats(self, jnp.dtype(config.compute_dtype))
+        start = 0 if cache is None else cache.length
         k_embed, k_blocks = split_key(key, 2)
         x = x.astype(jnp.dtype(config.compute_dtype))
         if model.pos_embed is not None:
             # A slice, not a lookup: its gradient is a sum over the batch, not a scatter-add.
-            x = x + model.pos_embed[: x.shape[0]]
+            x = x + jax.lax.dynamic_slice_in_dim(model.pos_embed, start, x.shape[0])
         x = dropout(x, config.dropout, k_embed)
-        cos, sin = self.rotary(jnp.arange(x.shape[0]))
+        cos, sin = None, None
+        if config.position_embedding == "rope":
+            cos, sin = rope_table(start + jnp.arange(x.shape[0]), config.head_dim, config.rope_base)
 
         block_params, block_static = eqx.partition(model.blocks, eqx.is_array)
         layer_keys = None if k_blocks is None else jr.split(k_blocks, config.n_layer)
+        layer_kv = None if cache is None else (cache.k, cache.v)  # scanned with the parameters
 
-        def run_block(x, params_and_key):
-            params, layer_key = params_and_key
-            block = eqx.combine(params, block_static)
-            return block(x, cos, sin, key=layer_key), None
+        def run_block(x, layer):  # one block, with its slices of the parameters, keys and cache
+            params, layer_key, kv = layer
+            cache_in = None if kv is None else KVCache(*kv, start)
+            x, cache_out = eqx.combine(params, block_static)(x, cos, sin, cache_in, key=layer_key)
+            return x, None if cache_out is None else (cache_out.k, cache_out.v)
 
         if config.remat:
             run_block = jax.checkpoint(run_block)
         # Unrolled, XLA fuses across blocks and drops the scan's per-layer copies: faster on a GPU
         # (BENCHMARKS.md, "The training step, GPT-2 124M"); still traced once per block.
-        x, _ = jax.lax.scan(run_block, x, (block_params, layer_keys), unroll=config.unroll_layers)
-        return model.final_norm(x)
-
-    def rotary(self, positions: Int[Array, " seq"]):
-        """RoPE's (cos, sin) for these positions, or (None, None) with learned positions."""
-        if self.config.position_embedding != "rope":
-            return None, None
-        return rope_table(positions, self.config.head_dim, self.config.rope_base)
+        layers = (block_params, layer_keys, layer_kv)
+        x, layer_kv = jax.lax.scan(run_block, x, layers, unroll=config.unroll_layers)
+        if cache is not None:
+            cache = KVCache(*layer_kv, cache.length + x.shape[0])
+        return model.final_norm(x), cache
 
     def logits(self, x: Float[Array, "*seq d"]) -> Float[Array, "*seq vocab"]:
         """Next-token logits in x's dtype (the compute dtype): cross_entropy reads them in float32
@@ -447,6 +488,18 @@ def loss_fn(
     return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
 
 
+def extend(
+    model: GPT, tokens: Int[Array, " seq"], cache: KVCache
+) -> tuple[Float[Array, "seq vocab"], KVCache]:
+    """Runs `tokens` as the continuation of the cached ones: their float32 logits and the cache
+    with their keys and values appended. Prefill is extend(model, prompt, empty_cache(config));
+    a decode step is extend(model, token[None], cache). The caller keeps
+    cache.length + seq <= block_size (a full cache would silently overwrite its last slots)."""
+    model = cast_floats(model, jnp.dtype(model.config.compute_dtype))  # a no-op if already cast
+    x, cache = model.run_blocks(embed(model.embed, tokens), cache)
+    return model.logits(x).astype(jnp.float32), cache
+
+
 def num_params(model: GPT, non_embedding: bool = False) -> int:
     """Parameter count (works on abstract models from eqx.filter_eval_shape too)."""
     is_param = lambda x: isinstance(x, (jax.Array, jax.ShapeDtypeStruct))  # noqa: E731
@@ -468,66 +521,6 @@ def flops_per_token(config: GPTConfig) -> int:
     if config.tie_embeddings:
         n += config.n_embd * config.vocab_size  # the tied head still does a matmul
     return 6 * n + 12 * config.n_layer * config.n_embd * config.block_size
-
-
-# ---- Decoding with a KV cache
-#
-# Sampling reruns nothing: the prompt goes through the model once (prefill), filling a cache with
-# every layer's keys and values, then each new token is one query against that cache. The cache
-# has room for block_size tokens, the longest context the model was trained on. Positions (for
-# RoPE and the mask) count from the cache's first slot, so a cache always equals a fresh forward
-# over exactly the tokens it holds; `generate` relies on that when it restarts a full cache.
-
-
-class KVCache(eqx.Module):
-    """Keys and values of the first `length` tokens of a sequence, for every layer."""
-
-    k: Float[Array, "layer block_size head head_dim"]  # in the compute dtype
-    v: Float[Array, "layer block_size head head_dim"]
-    length: Int[Array, ""]  # slots [0, length) are filled; the rest are never attended to
-
-
-def empty_cache(config: GPTConfig) -> KVCache:
-    shape = (config.n_layer, config.block_size, config.n_head, config.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(config.compute_dtype))
-    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
-
-
-def extend(
-    model: GPT, tokens: Int[Array, " seq"], cache: KVCache
-) -> tuple[Float[Array, "seq vocab"], KVCache]:
-    """Runs `tokens` as the continuation of the cached ones: their float32 logits and the cache
-    with their keys and values appended. Prefill is extend(model, prompt, empty_cache(config));
-    a decode step is extend(model, token[None], cache). The caller keeps
-    cache.length + seq <= block_size (a full cache would silently overwrite its last slots)."""
-    config = model.config
-    model = cast_floats(model, jnp.dtype(config.compute_dtype))  # a no-op if already cast
-    positions = cache.length + jnp.arange(tokens.shape[0])
-    cos, sin = model.rotary(positions)
-    # Query i sees slots 0..length+i: the cached tokens, the new ones up to itself, never the
-    # stale or empty slots after them.
-    mask = jnp.arange(config.block_size)[None, :] <= positions[:, None]  # (seq, block_size)
-    block_params, block_static = eqx.partition(model.blocks, eqx.is_array)
-
-    def run_block(x, layer):  # Block.__call__ with the attention's keys and values cached
-        params, k_cache, v_cache = layer
-        block = eqx.combine(params, block_static)
-        q, k, v = block.attn.qkv_heads(block.attn_norm(x), cos, sin)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, cache.length, axis=0)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, cache.length, axis=0)
-        # The XLA path: cuDNN's fused kernel is for causal training shapes, not a masked cache.
-        y = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask, implementation="xla")
-        x = x + block.attn.proj(y.reshape(x.shape))
-        x = x + block.mlp(block.mlp_norm(x))
-        return x, (k_cache, v_cache)
-
-    x = model.embed[tokens]
-    if model.pos_embed is not None:
-        x = x + jax.lax.dynamic_slice_in_dim(model.pos_embed, cache.length, tokens.shape[0])
-    layers = (block_params, cache.k, cache.v)
-    x, (k, v) = jax.lax.scan(run_block, x, layers, unroll=config.unroll_layers)
-    logits = model.logits(model.final_norm(x)).astype(jnp.float32)
-    return logits, KVCache(k, v, cache.length + tokens.shape[0])
 
 
 def with_config(model: GPT, config: GPTConfig) -> GPT:

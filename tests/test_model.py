@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from model import (GPT, GPTConfig, apply_rope, cross_entropy, dropout, embed, flops_per_token,
-                   loss_fn, num_params, rope_table, sum_rows_by_id)
+from model import (GPT, GPTConfig, apply_rope, cross_entropy, dropout, embed, empty_cache, extend,
+                   flops_per_token, loss_fn, num_params, rope_table, sum_rows_by_id)
 
 # Small shapes keep the suite fast on 2 CPU cores; float32 compute for exact comparisons.
 TINY = GPTConfig(
@@ -113,9 +113,60 @@ def test_scan_over_blocks_equals_a_python_loop():
     params, static = eqx.partition(model.blocks, eqx.is_array)
     for layer in range(TINY.n_layer):
         block = eqx.combine(jax.tree.map(lambda a: a[layer], params), static)
-        x = block(x, cos, sin)
+        x, _ = block(x, cos, sin)  # no cache: None comes back
     looped = model.logits(model.final_norm(x))
     np.testing.assert_allclose(forward(model, tokens), looped, atol=1e-5, rtol=1e-5)
+
+
+def written_out(model: GPT, tokens):
+    """The default architecture (RoPE, RMSNorm, QK-norm, GELU, tied head) in plain jnp, one layer
+    at a time, straight from the parameters: nothing shared with model.py's blocks."""
+    c, seq = model.config, tokens.shape[0]
+    def rms(x, gain):
+        return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + c.norm_eps) * gain
+
+    frequencies = c.rope_base ** (-jnp.arange(0, c.head_dim, 2) / c.head_dim)
+    angles = jnp.arange(seq)[:, None, None] * frequencies  # (seq, 1, head_dim/2)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+    def rope(t):  # rotate each pair (t_i, t_{i + head_dim/2}) by its angle
+        a, b = jnp.split(t, 2, axis=-1)
+        return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+    x = model.embed[tokens]
+    for i in range(c.n_layer):
+        b = jax.tree.map(lambda a: a[i], model.blocks)
+        qkv = rms(x, b.attn_norm.weight) @ b.attn.qkv.weight
+        q, k, v = (t.reshape(seq, c.n_head, c.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        q, k = rope(rms(q, b.attn.q_norm.weight)), rope(rms(k, b.attn.k_norm.weight))
+        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(c.head_dim)
+        scores = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), scores, -jnp.inf)
+        y = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, axis=-1), v)
+        x = x + y.reshape(seq, c.n_embd) @ b.attn.proj.weight
+        x = x + jax.nn.gelu(rms(x, b.mlp_norm.weight) @ b.mlp.fc.weight) @ b.mlp.proj.weight
+    return rms(x, model.final_norm.weight) @ model.embed.T
+
+
+@pytest.mark.parametrize("path", ["forward", "cached"])
+def test_the_blocks_equal_a_written_out_transformer_in_training_and_decoding(path):
+    # Training, prefill and decoding run the same Block: a bug in it (say, a residual dropped)
+    # fails here through both paths, not only where a path was written out twice.
+    model = GPT(tiny(mlp_activation="gelu"), key=jr.key(0))
+    leaves, treedef = jax.tree.flatten(model)  # every parameter off its init: gains leave 1
+    model = jax.tree.unflatten(treedef, [a + 0.1 * jr.normal(jr.key(i), a.shape)
+                                         for i, a in enumerate(leaves)])
+    tokens = random_tokens(jr.key(2), (TINY.block_size,))
+    if path == "forward":
+        logits = forward(model, tokens)
+    else:  # a prefill of half the tokens, then one token at a time
+        step, half = eqx.filter_jit(extend), TINY.block_size // 2
+        first, cache = step(model, tokens[:half], empty_cache(model.config))
+        logits = [first]
+        for token in tokens[half:]:
+            out, cache = step(model, token[None], cache)
+            logits.append(out)
+        logits = jnp.concatenate(logits)
+    np.testing.assert_allclose(logits, written_out(model, tokens), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("switch", ["remat", "unroll_layers"])
