@@ -44,8 +44,8 @@ class GPTConfig:
     norm: str = "rms"  # "rms" (RMSNorm, a gain only) or "layer" (LayerNorm, as GPT-2)
     bias: bool = False  # biases on every linear layer and LayerNorm (GPT-2 has them)
     norm_eps: float = 1e-6  # added to the variance in every norm (GPT-2: 1e-5)
-    # relu2 (the speedrun's): val -0.09 at 2000 steps with AdamW on CPU and a faster step
-    # (BENCHMARKS.md "Model switches", with the switches that did not pay)
+    # relu2 (the speedrun's): val -0.09 at 2000 steps with AdamW on CPU, and a faster step
+    # (BENCHMARKS.md "Model switches")
     mlp_activation: str = "gelu"  # "gelu" (tanh approximation, GPT-2) or "relu2": relu(x)**2
 
     def __post_init__(self):
