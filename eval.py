@@ -78,16 +78,11 @@ def model_shapes(args):
 
         config, _ = gpt2.read_config(gpt2.resolve(args.init_from))
         return config, None, None
+    import checkpoints
     import train
 
     config = train.read_run_config(Path(args.rundir))
-    if not (Path(args.rundir) / "checkpoints").is_dir():
-        raise UserError(f"{args.rundir} has no checkpoints yet: train first (or check --rundir)")
-    manager = train.checkpoint_manager(Path(args.rundir))
-    which = args.checkpoint
-    if which == "auto":  # as sample.py: the best checkpoint when any has a val loss
-        which = "best" if any(manager.metrics(s) for s in manager.all_steps()) else "latest"
-    return config.model, train.choose_step(manager, which), config.data_dir
+    return config.model, checkpoints.choose_step(Path(args.rundir), args.checkpoint), config.data_dir
 
 
 def load(args, step):
@@ -107,7 +102,7 @@ def load(args, step):
         from jax.sharding import PartitionSpec as P
 
         # the run's parameters on the devices present, FSDP over all of them (as sample.py)
-        config, model = train.load_model(args.rundir, str(step))
+        config, model = train.load_model(args.rundir, step)
         rows = NamedSharding(train.make_mesh(config), P(("data", "fsdp")))
         place = lambda batch: jax.device_put(batch, rows)  # noqa: E731
     dtype = args.dtype or ("float32" if args.init_from else model.config.compute_dtype)

@@ -129,17 +129,6 @@ def with_dtype(model: GPT, dtype: str | None) -> GPT:
     return with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))
 
 
-def checkpoint_step(train, rundir: Path, which: str) -> int:
-    """The step to sample from: 'auto' is the best checkpoint by val loss if any has one."""
-    if not (rundir / "checkpoints").is_dir():
-        raise UserError(f"{rundir} has no checkpoints yet: train first (or check --rundir)")
-    manager = train.checkpoint_manager(rundir)
-    if which == "auto":
-        scored = any(manager.metrics(s) for s in manager.all_steps())
-        which = "best" if scored else "latest"
-    return train.choose_step(manager, which)
-
-
 def sample_keys(seed: int, num_samples: int):
     # fold_in: sample i is the same whatever num_samples is
     return jax.vmap(lambda i: jr.fold_in(jr.key(seed), i))(jnp.arange(num_samples))
@@ -157,18 +146,19 @@ def main(argv=None) -> None:
         tokenizer, source = data.GPT2Tokenizer(), f"GPT-2 weights {args.init_from}"
         prompt = tokenizer.encode(read_prompt(args.start))
     else:
-        import train  # here: --benchmark and --help need neither orbax nor the training code
+        import checkpoints  # here: --help needs neither orbax nor the training code
+        import train
 
         config = train.read_run_config(Path(args.rundir))
         tokenizer, meta = load_tokenizer(config.data_dir, args.rundir)
         vocab_size = meta["vocab_size"]
-        step = checkpoint_step(train, Path(args.rundir), args.checkpoint)
-        if meta["tokenizer"] == "pixels":
-            _, model = train.load_model(args.rundir, str(step))
-            return sample_images(args, model, meta, f"{args.rundir} (checkpoint at step {step})")
-        prompt = tokenizer.encode(read_prompt(args.start))  # UserError naming unknown characters
-        _, model = train.load_model(args.rundir, str(step))
+        step = checkpoints.choose_step(Path(args.rundir), args.checkpoint)
+        # encoded before the weights load: a prompt the tokenizer cannot read fails fast
+        prompt = None if tokenizer is None else tokenizer.encode(read_prompt(args.start))
+        _, model = train.load_model(args.rundir, step)
         source = f"{args.rundir} (checkpoint at step {step})"
+        if tokenizer is None:  # pixels
+            return sample_images(args, model, meta, source)
     if len(prompt) == 0:
         raise UserError("the prompt encodes to no tokens: pass a longer --start")
     model = with_dtype(model, args.dtype or ("float32" if args.init_from else None))

@@ -15,6 +15,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+import checkpoints
 import launch
 import train
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig
@@ -205,7 +206,7 @@ def test_target_val_loss_stops_at_the_first_evaluation_that_reaches_it(data_dir,
     log = (tmp_path / "reached" / "log.txt").read_text()
     assert "step 3 | reached val" in log and "<= target_val_loss=100.0 after" in log, log
     assert "step 4 |" not in log and "step 6 | eval" not in log, log
-    manager = train.checkpoint_manager(tmp_path / "reached")
+    manager = checkpoints.checkpoint_manager(tmp_path / "reached")
     assert manager.all_steps() == [3]  # the step that reached it is saved
 
     train.train(dataclasses.replace(config, target_val_loss=0.001), tmp_path / "missed")

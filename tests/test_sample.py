@@ -13,6 +13,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+import checkpoints
 import model as model_py
 from decode import generate, sample_token, top_k_filter, top_p_filter
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, with_config
@@ -266,9 +267,7 @@ def test_prompt_from_file_and_checkpoint_by_step(trained_run, tmp_path):
 
 @pytest.mark.slow
 def test_best_checkpoint_is_the_default_and_named(trained_run):
-    import train
-
-    manager = train.checkpoint_manager(trained_run)
+    manager = checkpoints.checkpoint_manager(trained_run)
     best = min(manager.all_steps(), key=lambda s: manager.metrics(s)["val_loss"])
     assert best != max(manager.all_steps())  # the run has a best that is not the latest
     done = run_sample(f"--rundir={trained_run}", "--num_samples=1", "--max_new_tokens=10",
@@ -306,16 +305,13 @@ def test_missing_data_dir_is_a_clear_error(trained_run, tmp_path):
 
 
 def test_auto_checkpoint_is_the_best_when_one_has_a_val_loss(tmp_path):
-    import train
-    from sample import checkpoint_step
-
     params = {"w": jnp.ones(3)}
-    manager = train.checkpoint_manager(tmp_path, keep_last=5)
-    train.save_checkpoint(manager, 1, params, params, {"step": 1})  # no val loss: latest wins
+    manager = checkpoints.checkpoint_manager(tmp_path, keep_last=5)
+    checkpoints.save_checkpoint(manager, 1, params, params, {"step": 1})  # no val loss: latest wins
     manager.wait_until_finished()
-    assert checkpoint_step(train, tmp_path, "auto") == 1
+    assert checkpoints.choose_step(tmp_path, "auto") == 1
     for step, val_loss in [(2, 3.0), (3, 1.0), (4, 2.0)]:
-        train.save_checkpoint(manager, step, params, params, {"step": step}, val_loss=val_loss)
+        checkpoints.save_checkpoint(manager, step, params, params, {"step": step}, val_loss=val_loss)
     manager.wait_until_finished()
-    assert checkpoint_step(train, tmp_path, "auto") == 3
-    assert checkpoint_step(train, tmp_path, "latest") == 4
+    assert checkpoints.choose_step(tmp_path, "auto") == 3
+    assert checkpoints.choose_step(tmp_path, "latest") == 4
