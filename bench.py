@@ -28,9 +28,8 @@ import jax
 import numpy as np
 
 import data
-import launch
 import train
-from cli import ArgumentParser, UserError, run_cli
+from cli import ArgumentParser, UserError, apply_overrides, load_config, run_cli
 from model import flops_per_token, num_params
 
 
@@ -152,8 +151,8 @@ def main(argv):
     args, overrides = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
-    config = launch.apply_overrides(launch.load_config(args.config), overrides)
-    launch.check_attention(config)
+    config = apply_overrides(load_config(args.config), overrides)
+    train.check_attention(config)
     if args.profile:  # written after the timed steps: find out now that it cannot be
         writable_directory(Path(args.profile))
     tokens, source = token_stream(config, args.data_dir)

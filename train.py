@@ -142,6 +142,13 @@ def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
     return jax.make_mesh((config.data_parallel, fsdp), ("data", "fsdp"), auto, devices=devices)
 
 
+def check_attention(config) -> None:
+    """attention="cudnn" runs only on NVIDIA GPUs: say so before the run directory is made."""
+    if config.model.attention == "cudnn" and jax.devices()[0].platform != "gpu":
+        raise UserError(f"model.attention=cudnn needs an NVIDIA GPU with cuDNN, and this machine "
+                        f"runs on {jax.devices()[0].platform}: use --model.attention=auto or xla")
+
+
 def names_on(path) -> set:
     """The attribute names (and dict keys) along a pytree path."""
     return {getattr(key, "name", getattr(key, "key", None)) for key in path}
@@ -651,6 +658,7 @@ def run_outputs(config: TrainConfig, rundir: Path, meta: dict, progress_bar: boo
 def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     """Trains (or resumes) the run in rundir; returns the final model."""
     rundir = Path(rundir)
+    check_attention(config)
     mesh = make_mesh(config)
     meta, train_batches, eval_batches, to_global = open_data(config, mesh)
     changes = check_rundir(config, rundir, meta)

@@ -21,6 +21,7 @@ import pytest
 
 import bench
 import checkpoints
+import cli
 import data
 import export
 import launch
@@ -167,7 +168,7 @@ def test_a_second_training_in_a_run_directory_is_refused_naming_the_first(datase
 
 
 def tiny_config(data_dir) -> train.TrainConfig:
-    return launch.apply_overrides(launch.load_config("shakespeare_char_cpu"),
+    return cli.apply_overrides(cli.load_config("shakespeare_char_cpu"),
                                   [f"--data_dir={data_dir}", *TINY[1:]])
 
 

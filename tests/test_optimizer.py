@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import checkpoints
-import launch
+import cli
 import train
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig
 
@@ -36,7 +36,7 @@ def data_dir(tmp_path_factory, shakespeare_input) -> str:
 
 
 def run_config(data_dir, *overrides) -> train.TrainConfig:
-    return launch.apply_overrides(launch.load_config("shakespeare_char_cpu"),
+    return cli.apply_overrides(cli.load_config("shakespeare_char_cpu"),
                                   [f"--data_dir={data_dir}", *TINY_RUN, *overrides])
 
 
@@ -233,7 +233,7 @@ BAD = [("--muon_learning_rate=-0.02", "muon_learning_rate"), ("--muon_learning_r
 @pytest.mark.parametrize("bad, field", BAD)
 def test_bad_optimizer_and_switch_values_are_refused_naming_the_field(bad, field):
     with pytest.raises(train.UserError, match=f"{field}="):
-        launch.apply_overrides(launch.load_config("shakespeare_char_cpu"), [bad])
+        cli.apply_overrides(cli.load_config("shakespeare_char_cpu"), [bad])
 
 
 @pytest.mark.slow

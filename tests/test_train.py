@@ -26,7 +26,7 @@ import optax
 import pytest
 
 import checkpoints
-import launch
+import cli
 import train
 from model import GPT, GPTConfig, flops_per_token
 
@@ -65,7 +65,7 @@ def launch_run(data_dir, rundir, *overrides, check=True, env=None):
 
 
 def tiny_config(data_dir, **changes) -> train.TrainConfig:
-    config = launch.apply_overrides(launch.load_config("shakespeare_char_cpu"),
+    config = cli.apply_overrides(cli.load_config("shakespeare_char_cpu"),
                                     [f"--data_dir={data_dir}", *TINY_OVERRIDES])
     return dataclasses.replace(config, **changes)
 
@@ -377,8 +377,8 @@ def test_other_model_in_rundir_and_corrupt_checkpoint_are_refused_and_kept(data_
 SHARDED_RUNS = """
 import dataclasses, sys, numpy as np, jax, equinox as eqx
 sys.path.insert(0, {repo!r})
-import launch, train
-base = launch.apply_overrides(launch.load_config("shakespeare_char_cpu"), {overrides!r})
+import cli, train
+base = cli.apply_overrides(cli.load_config("shakespeare_char_cpu"), {overrides!r})
 base = dataclasses.replace(base, max_steps=3, eval_interval=3, fsdp_min_size=1024)
 results = {{}}
 for data_parallel, fsdp in [(1, 1), (2, 4), (1, 8)]:
@@ -488,7 +488,7 @@ def test_bench_reports_throughput_and_mfu_from_the_peak(tmp_path):
     measured = re.search(r"([\d.]+) ms/step \| ([\d,]+) tokens/s \| MFU ([\d.]+)%", result.stdout)
     assert measured, result.stdout
     ms_per_step, tokens_per_s, mfu = (float(x.replace(",", "")) for x in measured.groups())
-    config = launch.apply_overrides(launch.load_config("shakespeare_char_cpu"), TINY_OVERRIDES)
+    config = cli.apply_overrides(cli.load_config("shakespeare_char_cpu"), TINY_OVERRIDES)
     np.testing.assert_allclose(tokens_per_s, config.tokens_per_step / (ms_per_step / 1e3),
                                rtol=0.06 / ms_per_step)  # ms/step is printed to 0.1
     # MFU = achieved FLOP/s (6N + 12LdT per token, PaLM) over the peak of every device
@@ -565,12 +565,12 @@ BAD_VALUES = [("--learning_rate=-1", "learning_rate"), ("--model.dropout=1.5", "
 @pytest.mark.parametrize("bad, field", BAD_VALUES)
 def test_values_that_cannot_be_right_are_refused_naming_the_field(bad, field):
     with pytest.raises(train.UserError, match=f"{field}="):
-        launch.apply_overrides(launch.load_config("shakespeare_char_cpu"), [bad])
+        cli.apply_overrides(cli.load_config("shakespeare_char_cpu"), [bad])
 
 
 def test_relations_are_checked_on_the_final_values_whatever_the_order():
-    config = launch.load_config("shakespeare_char_cpu")  # warmup_steps=100
-    short = launch.apply_overrides(config, ["--max_steps=50", "--warmup_steps=10"])
+    config = cli.load_config("shakespeare_char_cpu")  # warmup_steps=100
+    short = cli.apply_overrides(config, ["--max_steps=50", "--warmup_steps=10"])
     assert (short.max_steps, short.warmup_steps) == (50, 10)
 
 
