@@ -180,10 +180,8 @@ def score_split(model, place, meta: dict, data_dir, split: str, batch_size: int,
 
 def exact_match(model, meta: dict, data_dir, split: str) -> dict:
     """The dataset's completion_eval on a split, as training measures it on val (train.py)."""
-    import train
-
     examples = np.asarray(data.open_split(data_dir, split, meta), np.int32)
-    correct, total = train.completion_accuracy(
+    correct, total = evaluation.completion_accuracy(
         model, examples.reshape(-1, meta["example_length"]),
         meta["completion_eval"]["prompt_length"], vocab_limit=meta["vocab_size"])
     print(f"exact match on {split}: {100 * correct / total:.2f}% ({correct:,} of {total:,} "

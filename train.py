@@ -30,7 +30,6 @@ import data
 import evaluation
 import gpt2
 from cli import UserError
-from decode import generate
 from model import GPT, GPTConfig, flops_per_token, loss_fn, num_params
 
 @dataclasses.dataclass(frozen=True)
@@ -381,33 +380,6 @@ def evaluate(model, samplers: dict, config: TrainConfig, to_global, show=False) 
     return losses
 
 
-@eqx.filter_jit
-def greedy_completions(model, prompts, new_tokens: int, vocab_limit: int | None):
-    """(examples, new_tokens) greedy continuations of equal-length prompts, KV-cached, vmapped."""
-    key = jr.key(0)  # temperature 0 draws nothing
-
-    def one(prompt):
-        return generate(model, prompt, key, new_tokens, temperature=0.0, vocab_limit=vocab_limit)
-
-    return jax.vmap(one)(prompts)
-
-
-def completion_accuracy(model, examples: np.ndarray, prompt_length: int, vocab_limit=None,
-                        batch_size: int = 1024) -> tuple[int, int]:
-    """(correct, total) over examples (rows of tokens): a row is correct when its greedy
-    continuation from its first prompt_length tokens equals the rest of it, token for token."""
-    new_tokens = examples.shape[1] - prompt_length
-    batch_size = min(batch_size, len(examples))
-    correct = 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        prompts = np.zeros((batch_size, prompt_length), np.int32)  # padded: one compiled shape
-        prompts[: len(chunk)] = chunk[:, :prompt_length]
-        out = np.asarray(jax.device_get(greedy_completions(model, prompts, new_tokens, vocab_limit)))
-        correct += int(np.all(out[: len(chunk)] == chunk[:, prompt_length:], axis=1).sum())
-    return correct, len(examples)
-
-
 # ---------------------------------------------------------------------------------------------
 # Run directory: config.json, orbax checkpoints, TensorBoard events, log.txt
 
@@ -705,7 +677,7 @@ def exact_match(model, config: TrainConfig, meta: dict, step: int, log, writer) 
     examples = np.asarray(data.open_split(config.data_dir, "val", meta), np.int32)
     examples = examples.reshape(-1, meta["example_length"])
     # vocab_limit: a model.vocab_size padded past the data's is never decoded into padding
-    correct, total = completion_accuracy(model, examples, meta["completion_eval"]["prompt_length"],
+    correct, total = evaluation.completion_accuracy(model, examples, meta["completion_eval"]["prompt_length"],
                                          vocab_limit=meta["vocab_size"])
     log(f"step {step} | exact match on val: {100 * correct / total:.2f}% ({correct:,} of "
         f"{total:,} examples, greedy)")
