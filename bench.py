@@ -30,7 +30,7 @@ import numpy as np
 import data
 import train
 from cli import ArgumentParser, UserError, apply_overrides, load_config, run_cli
-from model import flops_per_token, num_params
+from model import num_params
 
 
 def zipf_tokens(vocab_size: int, n: int = 2**22, exponent: float = 1.1) -> np.ndarray:
@@ -96,14 +96,13 @@ def benchmark(config: train.TrainConfig, steps: int, warmup: int, tokens: np.nda
     if profile_dir:
         jax.profiler.stop_trace()
 
-    peak = train.peak_flops_per_device()
-    achieved = flops_per_token(config.model) * config.tokens_per_step / seconds
+    tokens_per_s, mfu = train.throughput(config, seconds, mesh.size)
     return {
         "params_M": num_params(model) / 1e6,
         "compile_s": compile_s,
         "ms_per_step": seconds * 1e3,
-        "tokens_per_s": config.tokens_per_step / seconds,
-        "mfu": achieved / (peak * jax.device_count()) if peak else None,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
         "peak_memory": peak_memory(),
         "loss": float(metrics["loss"]),
     }

@@ -7,7 +7,8 @@
 A checkpoint is written whole or not at all (orbax renames a step's directory once complete);
 after a crash, a half-written one is set aside, never deleted. A full disk, a damaged step or a
 checkpoint of other settings is one UserError line. train.py saves and restores through this
-module; sample.py, eval.py and export.py pick a checkpoint with choose_step.
+module, and stops to save one when the machine is about to go away (preemption_notice);
+sample.py, eval.py and export.py pick a checkpoint with choose_step.
 """
 
 import contextlib
@@ -17,8 +18,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -227,6 +230,46 @@ def open_checkpoints(rundir: Path, keep_last: int) -> tuple[ocp.CheckpointManage
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("incomplete checkpoints set aside")
     return checkpoint_manager(rundir, keep_last), set_aside
+
+
+@contextlib.contextmanager
+def preemption_notice(manager):
+    """Yields stop_requested(step): "SIGTERM" or "SIGINT" once the run should save and stop.
+
+    SIGTERM is what SLURM, Kubernetes and spot machines send before they take a machine. With
+    one process, a handler notes it and the loop stops after the step in flight. With several,
+    JAX's preemption service (started by jax.distributed) receives it, and orbax's
+    reached_preemption(step) turns True on every host at the same step, so all save that step.
+    """
+    received, interrupted = threading.Event(), threading.Event()
+    main_thread = threading.current_thread() is threading.main_thread()
+    own_handler = jax.process_count() == 1 and main_thread
+    if own_handler:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+    if main_thread:
+        # Ctrl-C is noted too, not raised inside a step whose inputs are donated (they could not
+        # be saved); a second Ctrl-C stops at once.
+        def on_ctrl_c(signum, frame):
+            interrupted.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous_int = signal.signal(signal.SIGINT, on_ctrl_c)
+
+    def stop_requested(step: int) -> str | None:
+        if interrupted.is_set():
+            return "SIGINT"
+        if received.is_set():
+            return "SIGTERM"
+        preempted = manager is not None and jax.process_count() > 1 and manager.reached_preemption(step)
+        return "SIGTERM" if preempted else None
+
+    try:
+        yield stop_requested
+    finally:
+        if own_handler:
+            signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def choose_step(rundir: Path, which: str | int = "auto") -> int:

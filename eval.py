@@ -139,7 +139,9 @@ def main(argv=None) -> dict:
     if meta:
         results["loss"] = score_split(model, place, meta, data_dir, args.split, batch_size, source)
         if "completion_eval" in meta:
-            results["exact_match"] = exact_match(model, meta, data_dir, args.split)
+            match = results["exact_match"] = evaluation.exact_match(model, meta, data_dir, args.split)
+            print(f"exact match on {args.split}: {100 * match['accuracy']:.2f}% ({match['correct']:,} "
+                  f"of {match['total']:,} examples, greedy)", flush=True)
     if items:
         status(f"scoring {len(items):,} HellaSwag items from {args.hellaswag}")
         vocab_limit = data.GPT2Tokenizer().vocab_size
@@ -176,17 +178,6 @@ def score_split(model, place, meta: dict, data_dir, split: str, batch_size: int,
           f"{loss['tokens']:,} tokens in {seconds:.1f}s ({loss['tokens_per_s']:,.0f} tokens/s)",
           flush=True)
     return loss
-
-
-def exact_match(model, meta: dict, data_dir, split: str) -> dict:
-    """The dataset's completion_eval on a split, as training measures it on val (train.py)."""
-    examples = np.asarray(data.open_split(data_dir, split, meta), np.int32)
-    correct, total = evaluation.completion_accuracy(
-        model, examples.reshape(-1, meta["example_length"]),
-        meta["completion_eval"]["prompt_length"], vocab_limit=meta["vocab_size"])
-    print(f"exact match on {split}: {100 * correct / total:.2f}% ({correct:,} of {total:,} "
-          "examples, greedy)", flush=True)
-    return {"accuracy": correct / total, "correct": correct, "total": total, "split": split}
 
 
 def write_json(path: Path, obj) -> None:

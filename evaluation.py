@@ -232,3 +232,14 @@ def completion_accuracy(model, examples: np.ndarray, prompt_length: int, vocab_l
         out = np.asarray(jax.device_get(greedy_completions(model, prompts, new_tokens, vocab_limit)))
         correct += int(np.all(out[: len(chunk)] == chunk[:, prompt_length:], axis=1).sum())
     return correct, len(examples)
+
+
+def exact_match(model, meta: dict, data_dir, split: str) -> dict:
+    """The dataset's completion_eval (meta.json) on a split: its examples' prompts decoded
+    greedily, {accuracy, correct, total, split}. vocab_limit: a model.vocab_size padded past the
+    data's never decodes into the padding."""
+    examples = np.asarray(data.open_split(data_dir, split, meta), np.int32)
+    correct, total = completion_accuracy(model, examples.reshape(-1, meta["example_length"]),
+                                         meta["completion_eval"]["prompt_length"],
+                                         vocab_limit=meta["vocab_size"])
+    return {"accuracy": correct / total, "correct": correct, "total": total, "split": split}

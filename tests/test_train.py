@@ -285,7 +285,7 @@ def test_launch_writes_checkpoints_events_and_config(data_dir, tmp_path):
     assert set(logged["eval/val_loss"]) == {10, 20}
     assert logged["train/loss"][20] < logged["train/loss"][1]  # it learns
     # each step's lr is the schedule's at that step (logged 1-based), read back as float32
-    schedule = train.lr_schedule(train.config_from_dict(saved["config"]))
+    schedule = train.lr_schedule(train.read_run_config(rundir))
     np.testing.assert_allclose([logged["train/lr"][s] for s in range(1, 21)],
                                [float(schedule(s - 1)) for s in range(1, 21)], rtol=1e-6)
     assert (rundir / "log.txt").read_text().count("eval:") == 2
@@ -473,7 +473,7 @@ BENCH_WITH_PEAK = """
 import runpy, sys
 sys.path.insert(0, {repo!r})
 import train
-train.peak_flops_per_device = lambda: 1e8
+train.PEAK_FLOPS = {{"cpu": 1e8}}
 sys.argv = ["bench.py", *{args!r}]
 runpy.run_path("bench.py", run_name="__main__")
 """
