@@ -463,13 +463,14 @@ def load_model(rundir, which: str | int = "latest") -> tuple[TrainConfig, GPT]:
 # Throughput, as the loop logs it and bench.py prints it
 
 
-# Per device, from datasheets: dense bf16 peak FLOP/s (for MFU). A device not listed (a CPU)
-# reports none.
+# Per device, from datasheets: dense bf16 peak FLOP/s (for MFU) and memory bandwidth in bytes/s
+# (bench.py --decode's bound). A device not listed (a CPU) reports neither.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+MEMORY_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 def this_device(table: dict) -> float | None:
-    """This machine's entry in a table of figures per device (PEAK_FLOPS), or None."""
+    """This machine's entry in PEAK_FLOPS or MEMORY_BANDWIDTH, or None."""
     kind = jax.devices()[0].device_kind
     return next((value for name, value in table.items() if name in kind), None)
 

@@ -284,6 +284,14 @@ def test_outputs_that_are_files_are_refused_before_any_work(tmp_path, capsys):
     assert a_file.read_text() == "keep me"
 
 
+def test_bench_decode_refuses_what_only_the_training_step_takes(capsys):
+    for option, words in (("--profile=/tmp/p", ["--profile", "training step"]),
+                          ("--data_dir=data", ["--data_dir", "training step"]),
+                          ("--max_new_tokens=0", ["--max_new_tokens", ">= 1"])):
+        one_line_error(lambda: bench.main(["--config=shakespeare_char_cpu", "--decode", option]),
+                       capsys, *words)
+
+
 def test_plot_run_refuses_an_out_it_cannot_write(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="plot_run.py's own dependency, not in requirements.txt")
     import plot_run

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,35 @@ def test_with_config_changes_the_static_config_and_keeps_the_arrays(model):
     np.testing.assert_allclose(logits, forward(model, jnp.arange(8)), atol=0.05)
     with pytest.raises(ValueError):
         with_config(model, dataclasses.replace(TINY, n_embd=32))
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py --decode: the KV cache against the naive loop
+
+
+def test_the_decode_benchmarks_naive_loop_samples_what_the_cache_samples(small_block_model):
+    import bench
+
+    prompt = jnp.asarray([3, 1, 4], jnp.int32)  # 3 + 12 tokens: within the block, no rebuild
+    naive_jit = eqx.filter_jit(bench.naive_generate)
+    for temperature in (0.0, 1.0):  # the same step keys: the same draws from the same logits
+        naive = naive_jit(small_block_model, prompt, jr.key(5), 12, temperature=temperature)
+        cached = generate_jit(small_block_model, prompt, jr.key(5), 12, temperature=temperature)
+        np.testing.assert_array_equal(naive, cached)
+
+
+def test_bench_decode_reports_cached_and_naive_tokens_per_s(capsys):
+    import bench
+
+    bench.main(["--config=shakespeare_char_cpu", "--decode", "--max_new_tokens=8",
+                "--num_samples=2", "--model.n_layer=2", "--model.n_embd=64"])
+    out = capsys.readouterr().out
+    assert "2 x 8 new tokens" in out and "compute float32" in out, out
+    measured = re.search(r"cached ([\d,.]+) tokens/s \| naive ([\d,.]+) tokens/s \| "
+                         r"cached / naive ([\d.]+)x", out)
+    assert measured, out
+    cached, naive, ratio = (float(x.replace(",", "")) for x in measured.groups())
+    assert ratio == pytest.approx(cached / naive, abs=0.06)
 
 
 # ---------------------------------------------------------------------------------------------
