@@ -100,10 +100,6 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
         if self.fsdp != -1 and self.fsdp < 1:
             raise ValueError(f"fsdp={self.fsdp}: must be >= 1, or -1 for all devices left")
-        devices = self.data_parallel * max(self.fsdp, 1)
-        if self.batch_size % devices:
-            raise ValueError(f"batch_size={self.batch_size}: must divide over data_parallel x "
-                             f"fsdp = {devices} devices")
 
     @property
     def tokens_per_step(self) -> int:
@@ -125,11 +121,9 @@ def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
             f"{'at least ' * (config.fsdp == -1)}{needed} devices, {n_devices} found: "
             "lower --data_parallel or --fsdp"
         )
-    if config.batch_size % used:
-        raise UserError(
-            f"batch_size={config.batch_size} does not divide over {used} devices: "
-            f"use a multiple of {used}"
-        )
+    if config.batch_size % used:  # checked here only: the rows also divide over the hosts then
+        raise UserError(f"batch_size={config.batch_size} does not divide over the {used} devices "
+                        f"it is split over: use a multiple of {used}")
     devices = jax.devices()[:used]
     # Auto axes: XLA's partitioner places activations and collectives from the parameter and
     # batch shardings (newer jax defaults to explicit sharding-in-types, which vmap'd code fights).

@@ -559,7 +559,7 @@ def test_deterministic_switch_sets_xla_flag_before_the_backend_starts(tmp_path):
 BAD_VALUES = [("--learning_rate=-1", "learning_rate"), ("--model.dropout=1.5", "dropout"),
               ("--model.n_layer=0", "n_layer"), ("--beta2=1.0", "beta2"),
               ("--min_lr=0.5", "min_lr"),
-              ("--eval_iters=0", "eval_iters"), ("--data_parallel=5", "batch_size")]
+              ("--eval_iters=0", "eval_iters")]
 
 
 @pytest.mark.parametrize("bad, field", BAD_VALUES)
