@@ -3,8 +3,9 @@
 A dataset is a directory `data/<name>/` with three files:
   train.bin, val.bin  flat token ids, uint16 (uint32 when vocab_size > 65536), no header, so
                       np.memmap reads them with no parsing and no copy
-  meta.json           {"tokenizer": "char"|"gpt2", "chars" (char only), "vocab_size", "dtype",
-                      "train_tokens", "val_tokens", "train_sha256", "val_sha256", "source", ...}
+  meta.json           {"tokenizer": "char"|"gpt2"|"pixels", "chars" (char only), "vocab_size",
+                      "dtype", "train_tokens", "val_tokens", "train_sha256", "val_sha256",
+                      "source", ...}
 meta.json is written last, so a directory that has one is complete. JSON only, never pickle.
 
 A dataset of fixed-length examples (prepare_addition.py, prepare_digits.py) says so in meta.json:
