@@ -1,15 +1,21 @@
-"""Throughput of the training step for any config: ms/step, tokens/s, MFU, peak memory.
+"""Throughput for any config: of the training step (ms/step, tokens/s, MFU, peak memory), or of
+decoding with --decode (tokens/s with the KV cache and without).
 
     python bench.py --config=openwebtext --data_dir=data/shakespeare   # GPT-2 124M, T=1024
     python bench.py --config=shakespeare_char --steps=50
     python bench.py --config=openwebtext --batch_size=16 --grad_accum=1 --model.remat=true
     python bench.py --config=openwebtext --profile=/tmp/trace        # + GPU time per kernel
+    python bench.py --config=shakespeare_char --decode --model.compute_dtype=float32
 
 Runs the same jit-compiled, donated train_step as train.py: compiles, runs warmup steps, then
 times --steps steps between two host syncs. The batches have real text's token statistics: they
 come from the config's dataset (or --data_dir) when it is prepared, else from a Zipf-distributed
 stream, and the output says which. Uniform random ids would hide the cost of frequent tokens
 (they once hid 25 ms/step of scatter-add collisions in the embedding's gradient).
+
+--decode samples from a random-init model of the config's shape, a prompt of one token: the
+KV-cached generate (decode.py) against naive_generate below, which reruns the whole window for
+every token, as nanoGPT's sampling loop does.
 """
 
 import argparse
@@ -25,13 +31,15 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 
 import data
-import launch
 import train
-from cli import ArgumentParser, UserError, run_cli
-from model import flops_per_token, num_params
+from cli import ArgumentParser, UserError, apply_overrides, load_config, run_cli
+from decode import generate, sample_token
+from model import GPT, GPTConfig, cast_floats, embed, num_params
 
 
 def zipf_tokens(vocab_size: int, n: int = 2**22, exponent: float = 1.1) -> np.ndarray:
@@ -97,14 +105,13 @@ def benchmark(config: train.TrainConfig, steps: int, warmup: int, tokens: np.nda
     if profile_dir:
         jax.profiler.stop_trace()
 
-    peak = train.peak_flops_per_device()
-    achieved = flops_per_token(config.model) * config.tokens_per_step / seconds
+    tokens_per_s, mfu = train.throughput(config, seconds, mesh.size)
     return {
         "params_M": num_params(model) / 1e6,
         "compile_s": compile_s,
         "ms_per_step": seconds * 1e3,
-        "tokens_per_s": config.tokens_per_step / seconds,
-        "mfu": achieved / (peak * jax.device_count()) if peak else None,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
         "peak_memory": peak_memory(),
         "loss": float(metrics["loss"]),
     }
@@ -129,6 +136,62 @@ def kernel_times(profile_dir: str, steps: int, top: int = 20) -> list[tuple[str,
     return [(name, ms, round(count[name])) for name, ms in total.most_common(top)]
 
 
+# ---------------------------------------------------------------------------------------------
+# Decoding (--decode): the KV cache against rerunning the whole context for every token
+
+
+def naive_generate(model: GPT, prompt, key, max_new_tokens: int, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0):
+    """What decoding costs without a cache (nanoGPT's loop, compiled): every token runs the full
+    forward over a fixed block_size window holding the last block_size tokens, zero-padded at the
+    end (causal attention: the padding cannot change earlier logits)."""
+    config = model.config
+    block = config.block_size
+    model = cast_floats(model, jnp.dtype(config.compute_dtype))
+    prompt = prompt[-block:].astype(jnp.int32)
+    window = jnp.zeros(block, jnp.int32).at[: prompt.shape[0]].set(prompt)
+
+    def step(carry, step_key):
+        window, length = carry
+        hidden = model.hidden(embed(model.embed, window))  # every position: the naive part
+        logits = model.logits(hidden[length - 1]).astype(jnp.float32)  # as nanoGPT: one row
+        token = sample_token(logits, step_key, temperature, top_k, top_p)
+        full = length == block  # slide by one, like nanoGPT's idx[:, -block_size:]
+        window = jnp.where(full, jnp.roll(window, -1), window)
+        window = window.at[jnp.where(full, block - 1, length)].set(token)
+        return (window, jnp.minimum(length + 1, block)), token
+
+    carry = (window, jnp.int32(prompt.shape[0]))
+    _, tokens = jax.lax.scan(step, carry, jr.split(key, max_new_tokens))
+    return tokens
+
+
+
+
+def decode_benchmark(model_config: GPTConfig, max_new_tokens: int, num_samples: int) -> dict:
+    """Tokens/s of generate and of naive_generate on a random-init model, temperature 0.8, the
+    samples vmapped; each compiles on a first call, which is not timed. Also the bound of reading
+    every weight once per decoding step at the device's memory bandwidth, where it is known."""
+    model = GPT(model_config, key=jr.key(0))
+    prompt = jnp.zeros(1, jnp.int32)
+
+    def batched(fn):
+        return eqx.filter_jit(lambda m, keys: jax.vmap(
+            lambda key: fn(m, prompt, key, max_new_tokens, temperature=0.8))(keys))
+
+    result = {}
+    for name, fn in (("cached", batched(generate)), ("naive", batched(naive_generate))):
+        jax.block_until_ready(fn(model, jr.split(jr.key(0), num_samples)))  # compile
+        start = time.perf_counter()
+        jax.block_until_ready(fn(model, jr.split(jr.key(1), num_samples)))
+        result[name] = num_samples * max_new_tokens / (time.perf_counter() - start)
+    params = sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    result["weight_bytes"] = params * jnp.dtype(model_config.compute_dtype).itemsize
+    bandwidth = train.this_device(train.MEMORY_BANDWIDTH)
+    result["bound"] = num_samples * bandwidth / result["weight_bytes"] if bandwidth else None
+    return result
+
+
 def writable_directory(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -149,17 +212,29 @@ def main(argv):
                         "(default: the config's, or a Zipf stream when it is not prepared)")
     parser.add_argument("--profile", metavar="DIR", help="trace the timed steps into DIR and "
                         "print the device time per kernel")
+    parser.add_argument("--decode", action="store_true", help="time decoding instead: tokens/s "
+                        "with the KV cache and without, on a random-init model of the config")
+    parser.add_argument("--max_new_tokens", type=int, default=500,
+                        help="--decode: tokens generated per sample (default 500)")
+    parser.add_argument("--num_samples", type=int, default=1,
+                        help="--decode: samples decoded together (default 1)")
     args, overrides = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
-    config = launch.apply_overrides(launch.load_config(args.config), overrides)
-    launch.check_attention(config)
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise UserError("--max_new_tokens and --num_samples must be >= 1")
+    if args.decode and (args.profile or args.data_dir):
+        raise UserError("--profile and --data_dir time the training step: drop them or --decode")
+    config = apply_overrides(load_config(args.config), overrides)
+    train.check_attention(config)
+    print(f"config {args.config} {' '.join(overrides)}".rstrip())
+    if args.decode:
+        return print_decode(config, args.max_new_tokens, args.num_samples)
     if args.profile:  # written after the timed steps: find out now that it cannot be
         writable_directory(Path(args.profile))
     tokens, source = token_stream(config, args.data_dir)
     result = benchmark(config, args.steps, args.warmup, tokens, args.profile)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a (peak unknown for this device)"
-    print(f"config {args.config} {' '.join(overrides)}".rstrip())
     print(f"devices {jax.device_count()} x {jax.devices()[0].device_kind} | "
           f"params {result['params_M']:.1f}M | tokens/step {config.tokens_per_step:,} | "
           f"compute {config.model.compute_dtype} | attention {config.model.attention} | "
@@ -172,6 +247,18 @@ def main(argv):
             print("no device kernels in the trace (a CPU run has none)")
         for name, ms, launches in rows:
             print(f"{ms:8.2f} ms/step {launches:5d}x  {name[:100]}")
+
+
+def print_decode(config: train.TrainConfig, max_new_tokens: int, num_samples: int) -> None:
+    result = decode_benchmark(config.model, max_new_tokens, num_samples)
+    bound = "" if result["bound"] is None else (
+        f" | reading the {result['weight_bytes'] / 1e6:.0f} MB of weights once per step bounds it "
+        f"at {result['bound']:,.0f} tokens/s")
+    print(f"devices 1 x {jax.devices()[0].device_kind} | compute {config.model.compute_dtype} | "
+          f"{num_samples} x {max_new_tokens} new tokens after a prompt of 1, block_size "
+          f"{config.model.block_size}")
+    print(f"cached {result['cached']:,.1f} tokens/s | naive {result['naive']:,.1f} tokens/s | "
+          f"cached / naive {result['cached'] / result['naive']:.1f}x{bound}")
 
 
 if __name__ == "__main__":

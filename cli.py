@@ -1,12 +1,20 @@
-"""What every script shares on the command line: bad input is one line and exit code 2.
+"""What every script shares on the command line: bad input is one line and exit code 2, and
+a config file with --key=value overrides.
 
 A script raises UserError for anything the user can fix (a bad argument, a missing file, a
 config value out of range); run_cli turns it into `error: ...` on stderr, with no traceback.
+launch.py and bench.py read a config as load_config(name), then apply_overrides(config, rest).
 """
 
 import argparse
+import dataclasses
+import importlib.util
 import os
 import sys
+import traceback
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class UserError(Exception):
@@ -32,3 +40,89 @@ def run_cli(main) -> None:
     except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files and overrides
+
+
+def load_config(name: str):
+    """The `config = TrainConfig(...)` of configs/<name>.py, or of the .py file at name."""
+    from train import TrainConfig  # here: train.py imports this module (and jax, which --help skips)
+
+    path = Path(name) if name.endswith(".py") else CONFIG_DIR / f"{name}.py"
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.py")))
+        raise UserError(f"no config file {path}: use one of {available} or a path to a .py file")
+    spec = importlib.util.spec_from_file_location(f"configs.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a config is code: any mistake in it is the user's to fix
+        raise UserError(f"{path}, line {error_line(e, path)}: {type(e).__name__}: {e}") from None
+    config = getattr(module, "config", None)
+    if not isinstance(config, TrainConfig):
+        raise UserError(f"{path} must define `config = TrainConfig(...)`")
+    return config
+
+
+def error_line(error: Exception, path: Path):
+    """The line of path where error was raised: the last frame in that file (or, for a
+    SyntaxError, the line it points at)."""
+    if isinstance(error, SyntaxError) and error.filename == str(path):
+        return error.lineno
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    return frames[-1].lineno if frames else "?"
+
+
+def parse_value(text: str, like, key: str):
+    """Parses text as the type of the field's current value."""
+    kind = type(like)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{key}={text}: expected {kind.__name__} (like {like!r})") from None
+
+
+def parse_override(config, path: list[str], text: str, key: str):
+    """The value of the field at path (nested dataclasses too), parsed from text as its type."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    name = path[0]
+    current = getattr(config, name, None)
+    if name not in fields or (len(path) > 1 and not dataclasses.is_dataclass(current)):
+        raise UserError(f"unknown config key '{key}': see --help for every field")
+    if len(path) > 1:
+        return parse_override(current, path[1:], text, key)
+    if dataclasses.is_dataclass(current):
+        raise UserError(f"'{key}' is a group of settings: set one of its fields, e.g. --{key}.n_layer=4")
+    return parse_value(text, current, key)
+
+
+def with_changes(config, changes: dict):
+    """A copy of config with changes ({field: value or {nested field: ...}}), checked once."""
+    values = {name: with_changes(getattr(config, name), value) if isinstance(value, dict) else value
+              for name, value in changes.items()}
+    return dataclasses.replace(config, **values)
+
+
+def apply_overrides(config, overrides: list[str]):
+    """All overrides are applied before the config checks itself, so relations between fields
+    (warmup_steps <= max_steps, ...) see the final values whatever the order on the line."""
+    changes = {}
+    for item in overrides:
+        key, sep, text = item.removeprefix("--").partition("=")
+        if not sep or not key:
+            raise UserError(f"cannot read '{item}': write overrides as --key=value")
+        path = key.split(".")
+        node = changes
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = parse_override(config, path, text, key)
+    try:
+        return with_changes(config, changes)
+    except ValueError as e:  # the dataclasses' own checks, e.g. heads that do not divide n_embd
+        raise UserError(f"bad config value: {e}") from None

@@ -3,8 +3,9 @@
 A dataset is a directory `data/<name>/` with three files:
   train.bin, val.bin  flat token ids, uint16 (uint32 when vocab_size > 65536), no header, so
                       np.memmap reads them with no parsing and no copy
-  meta.json           {"tokenizer": "char"|"gpt2", "chars" (char only), "vocab_size", "dtype",
-                      "train_tokens", "val_tokens", "train_sha256", "val_sha256", "source", ...}
+  meta.json           {"tokenizer": "char"|"gpt2"|"pixels", "chars" (char only), "vocab_size",
+                      "dtype", "train_tokens", "val_tokens", "train_sha256", "val_sha256",
+                      "source", ...}
 meta.json is written last, so a directory that has one is complete. JSON only, never pickle.
 
 A dataset of fixed-length examples (prepare_addition.py, prepare_digits.py) says so in meta.json:
@@ -351,7 +352,7 @@ class BatchSampler:
     A batch is a pure function of (seed, step), so resuming from {"seed", "step"} is exact and a
     prefetch thread can run ahead without sharing RNG state. batch_size is the global micro-batch;
     process p of P keeps rows [p*B/P, (p+1)*B/P), so together the processes hold exactly the
-    one-process batch.
+    one-process batch (train.make_mesh has checked that B divides over the devices, so over P).
     """
 
     def __init__(self, tokens, block_size: int, batch_size: int, grad_accum: int = 1, seed: int = 0,
@@ -360,9 +361,6 @@ class BatchSampler:
         if min(block_size, batch_size, grad_accum, process_count) < 1 or not 0 <= process_index < process_count:
             raise UserError(f"bad batch settings: block_size {block_size}, batch_size {batch_size}, "
                             f"grad_accum {grad_accum}, process {process_index} of {process_count}")
-        if batch_size % process_count:
-            raise UserError(f"batch_size {batch_size} does not divide over {process_count} processes: "
-                            f"use a multiple of {process_count}")
         name = Path(tokens.filename).name if getattr(tokens, "filename", None) else "the data"
         if len(tokens) < block_size + 1:
             raise UserError(f"block_size {block_size} is larger than the data ({len(tokens)} tokens in "

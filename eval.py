@@ -78,16 +78,11 @@ def model_shapes(args):
 
         config, _ = gpt2.read_config(gpt2.resolve(args.init_from))
         return config, None, None
+    import checkpoints
     import train
 
     config = train.read_run_config(Path(args.rundir))
-    if not (Path(args.rundir) / "checkpoints").is_dir():
-        raise UserError(f"{args.rundir} has no checkpoints yet: train first (or check --rundir)")
-    manager = train.checkpoint_manager(Path(args.rundir))
-    which = args.checkpoint
-    if which == "auto":  # as sample.py: the best checkpoint when any has a val loss
-        which = "best" if any(manager.metrics(s) for s in manager.all_steps()) else "latest"
-    return config.model, train.choose_step(manager, which), config.data_dir
+    return config.model, checkpoints.choose_step(Path(args.rundir), args.checkpoint), config.data_dir
 
 
 def load(args, step):
@@ -107,7 +102,7 @@ def load(args, step):
         from jax.sharding import PartitionSpec as P
 
         # the run's parameters on the devices present, FSDP over all of them (as sample.py)
-        config, model = train.load_model(args.rundir, str(step))
+        config, model = train.load_model(args.rundir, step)
         rows = NamedSharding(train.make_mesh(config), P(("data", "fsdp")))
         place = lambda batch: jax.device_put(batch, rows)  # noqa: E731
     dtype = args.dtype or ("float32" if args.init_from else model.config.compute_dtype)
@@ -144,7 +139,9 @@ def main(argv=None) -> dict:
     if meta:
         results["loss"] = score_split(model, place, meta, data_dir, args.split, batch_size, source)
         if "completion_eval" in meta:
-            results["exact_match"] = exact_match(model, meta, data_dir, args.split)
+            match = results["exact_match"] = evaluation.exact_match(model, meta, data_dir, args.split)
+            print(f"exact match on {args.split}: {100 * match['accuracy']:.2f}% ({match['correct']:,} "
+                  f"of {match['total']:,} examples, greedy)", flush=True)
     if items:
         status(f"scoring {len(items):,} HellaSwag items from {args.hellaswag}")
         vocab_limit = data.GPT2Tokenizer().vocab_size
@@ -181,19 +178,6 @@ def score_split(model, place, meta: dict, data_dir, split: str, batch_size: int,
           f"{loss['tokens']:,} tokens in {seconds:.1f}s ({loss['tokens_per_s']:,.0f} tokens/s)",
           flush=True)
     return loss
-
-
-def exact_match(model, meta: dict, data_dir, split: str) -> dict:
-    """The dataset's completion_eval on a split, as training measures it on val (train.py)."""
-    import train
-
-    examples = np.asarray(data.open_split(data_dir, split, meta), np.int32)
-    correct, total = train.completion_accuracy(
-        model, examples.reshape(-1, meta["example_length"]),
-        meta["completion_eval"]["prompt_length"], vocab_limit=meta["vocab_size"])
-    print(f"exact match on {split}: {100 * correct / total:.2f}% ({correct:,} of {total:,} "
-          "examples, greedy)", flush=True)
-    return {"accuracy": correct / total, "correct": correct, "total": total, "split": split}
 
 
 def write_json(path: Path, obj) -> None:

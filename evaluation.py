@@ -1,5 +1,6 @@
-"""Scoring a model beyond the loss a run watches: a whole split's loss, and HellaSwag from a local
-file. eval.py reports them for a checkpoint; train.py scores HellaSwag at each eval_interval.
+"""Scoring a model beyond the loss a run watches: a whole split's loss, HellaSwag from a local
+file, and exact match of greedy completions. eval.py reports them for a checkpoint; train.py
+scores HellaSwag and exact match at each eval_interval.
 
 - split_loss: every token of a split predicted once, in non-overlapping block_size windows (the
   last one partial, its missing targets ignored), batched in one compiled shape.
@@ -7,6 +8,8 @@ file. eval.py reports them for a checkpoint; train.py scores HellaSwag at each e
   by the cross entropy of its tokens after the context (GPT-2 BPE: the context's tokens, then
   those of " " + ending), as build-nanogpt and llm.c score it; acc picks the ending with the
   lowest summed loss, acc_norm the one with the lowest mean loss per token.
+- completion_accuracy: a dataset's completion_eval (meta.json): each example decoded greedily
+  from its prompt, right when every token matches (prepare_addition.py's sums).
 """
 
 import functools
@@ -17,10 +20,12 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 
 import data
 from cli import UserError
+from decode import generate
 from model import GPT, cross_entropy, embed
 
 ENDINGS = 4  # HellaSwag's choices per item
@@ -196,3 +201,45 @@ def hellaswag_scores(model: GPT, items, items_per_batch: int, vocab_limit=None) 
                  "mean_loss": mean_loss[i].tolist()} for i, item in enumerate(items)]
     return {"acc": float(np.mean(pred == labels)), "acc_norm": float(np.mean(pred_norm == labels)),
             "items": len(items), "examples": examples}
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact match of greedy completions
+
+
+@eqx.filter_jit
+def greedy_completions(model, prompts, new_tokens: int, vocab_limit: int | None):
+    """(examples, new_tokens) greedy continuations of equal-length prompts, KV-cached, vmapped."""
+    key = jr.key(0)  # temperature 0 draws nothing
+
+    def one(prompt):
+        return generate(model, prompt, key, new_tokens, temperature=0.0, vocab_limit=vocab_limit)
+
+    return jax.vmap(one)(prompts)
+
+
+def completion_accuracy(model, examples: np.ndarray, prompt_length: int, vocab_limit=None,
+                        batch_size: int = 1024) -> tuple[int, int]:
+    """(correct, total) over examples (rows of tokens): a row is correct when its greedy
+    continuation from its first prompt_length tokens equals the rest of it, token for token."""
+    new_tokens = examples.shape[1] - prompt_length
+    batch_size = min(batch_size, len(examples))
+    correct = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        prompts = np.zeros((batch_size, prompt_length), np.int32)  # padded: one compiled shape
+        prompts[: len(chunk)] = chunk[:, :prompt_length]
+        out = np.asarray(jax.device_get(greedy_completions(model, prompts, new_tokens, vocab_limit)))
+        correct += int(np.all(out[: len(chunk)] == chunk[:, prompt_length:], axis=1).sum())
+    return correct, len(examples)
+
+
+def exact_match(model, meta: dict, data_dir, split: str) -> dict:
+    """The dataset's completion_eval (meta.json) on a split: its examples' prompts decoded
+    greedily, {accuracy, correct, total, split}. vocab_limit: a model.vocab_size padded past the
+    data's never decodes into the padding."""
+    examples = np.asarray(data.open_split(data_dir, split, meta), np.int32)
+    correct, total = completion_accuracy(model, examples.reshape(-1, meta["example_length"]),
+                                         meta["completion_eval"]["prompt_length"],
+                                         vocab_limit=meta["vocab_size"])
+    return {"accuracy": correct / total, "correct": correct, "total": total, "split": split}

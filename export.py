@@ -3,9 +3,9 @@
     python export.py --rundir=runs/finetune_shakespeare --out=exported/
     python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('exported')"
 
-Writes config.json and model.safetensors (gpt2.py holds the names). The run's checkpoint is
-picked as sample.py picks it (--checkpoint); the vocabulary's padding rows (50304 -> 50257) are
-dropped. An existing --out is refused unless --overwrite.
+Writes config.json and model.safetensors (gpt2.py holds the names). --checkpoint picks the
+run's checkpoint as sample.py's and eval.py's do; the vocabulary's padding rows (50304 -> 50257)
+are dropped. An existing --out is refused unless --overwrite.
 """
 
 import os
@@ -29,10 +29,10 @@ def main(argv=None) -> None:
     if any((out / name).exists() for name in ("config.json", "model.safetensors")) and not args.overwrite:
         raise UserError(f"{out} already holds a model: pass --overwrite or another --out")
 
+    import checkpoints
     import data
     import gpt2
     import train
-    from sample import checkpoint_step
 
     config = train.read_run_config(Path(args.rundir))
     if not gpt2.is_gpt2(config.model):
@@ -45,8 +45,8 @@ def main(argv=None) -> None:
         vocab_size = min(vocab_size, data.load_meta(config.data_dir)["vocab_size"])
     except UserError:
         pass  # the data directory is gone: keep every row
-    step = checkpoint_step(train, Path(args.rundir), args.checkpoint)
-    _, model = train.load_model(args.rundir, str(step))
+    step = checkpoints.choose_step(Path(args.rundir), args.checkpoint)
+    _, model = train.load_model(args.rundir, step)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):  # asked first: safetensors' own error names no cause

@@ -11,107 +11,13 @@ A config is a Python file in configs/ (or any path to one) that defines `config 
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import inspect
 import os
 import re
 import sys
-import traceback
 from pathlib import Path
 
-from cli import ArgumentParser, UserError, run_cli
-
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def load_config(name: str):
-    from train import TrainConfig
-
-    path = Path(name) if name.endswith(".py") else CONFIG_DIR / f"{name}.py"
-    if not path.is_file():
-        available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.py")))
-        raise UserError(f"no config file {path}: use one of {available} or a path to a .py file")
-    spec = importlib.util.spec_from_file_location(f"configs.{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a config is code: any mistake in it is the user's to fix
-        raise UserError(f"{path}, line {error_line(e, path)}: {type(e).__name__}: {e}") from None
-    config = getattr(module, "config", None)
-    if not isinstance(config, TrainConfig):
-        raise UserError(f"{path} must define `config = TrainConfig(...)`")
-    return config
-
-
-def check_attention(config) -> None:
-    """attention="cudnn" runs only on NVIDIA GPUs: say so before the run directory is made."""
-    import jax
-
-    if config.model.attention == "cudnn" and jax.devices()[0].platform != "gpu":
-        raise UserError(f"model.attention=cudnn needs an NVIDIA GPU with cuDNN, and this machine "
-                        f"runs on {jax.devices()[0].platform}: use --model.attention=auto or xla")
-
-
-def error_line(error: Exception, path: Path):
-    """The line of path where error was raised: the last frame in that file (or, for a
-    SyntaxError, the line it points at)."""
-    if isinstance(error, SyntaxError) and error.filename == str(path):
-        return error.lineno
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
-    return frames[-1].lineno if frames else "?"
-
-
-def parse_value(text: str, like, key: str):
-    """Parses text as the type of the field's current value."""
-    kind = type(like)
-    try:
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes")
-        return kind(text)
-    except ValueError:
-        raise UserError(f"--{key}={text}: expected {kind.__name__} (like {like!r})") from None
-
-
-def parse_override(config, path: list[str], text: str, key: str):
-    """The value of the field at path (nested dataclasses too), parsed from text as its type."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    name = path[0]
-    current = getattr(config, name, None)
-    if name not in fields or (len(path) > 1 and not dataclasses.is_dataclass(current)):
-        raise UserError(f"unknown config key '{key}': see --help for every field")
-    if len(path) > 1:
-        return parse_override(current, path[1:], text, key)
-    if dataclasses.is_dataclass(current):
-        raise UserError(f"'{key}' is a group of settings: set one of its fields, e.g. --{key}.n_layer=4")
-    return parse_value(text, current, key)
-
-
-def with_changes(config, changes: dict):
-    """A copy of config with changes ({field: value or {nested field: ...}}), checked once."""
-    values = {name: with_changes(getattr(config, name), value) if isinstance(value, dict) else value
-              for name, value in changes.items()}
-    return dataclasses.replace(config, **values)
-
-
-def apply_overrides(config, overrides: list[str]):
-    """All overrides are applied before the config checks itself, so relations between fields
-    (warmup_steps <= max_steps, ...) see the final values whatever the order on the line."""
-    changes = {}
-    for item in overrides:
-        key, sep, text = item.removeprefix("--").partition("=")
-        if not sep or not key:
-            raise UserError(f"cannot read '{item}': write overrides as --key=value")
-        path = key.split(".")
-        node = changes
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = parse_override(config, path, text, key)
-    try:
-        return with_changes(config, changes)
-    except ValueError as e:  # the dataclasses' own checks, e.g. heads that do not divide n_embd
-        raise UserError(f"bad config value: {e}") from None
+from cli import ArgumentParser, UserError, apply_overrides, load_config, run_cli
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -192,7 +98,6 @@ def main(argv=None):
             raise UserError(f"--multihost: cannot join a cluster ({str(e).splitlines()[0]}): pass "
                             "--coordinator, --num_processes and --process_id, or run under a "
                             "scheduler JAX detects (SLURM, Open MPI, ...)") from None
-    check_attention(config)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = Path(args.config).stem if args.config else "run"
     rundir = Path(args.rundir or f"runs/{name}-{stamp}")

@@ -72,7 +72,7 @@ class GPTConfig:
         if self.mlp_activation not in ("gelu", "relu2"):
             raise ValueError(f"mlp_activation={self.mlp_activation!r}: use 'gelu' or 'relu2'")
         if self.compute_dtype not in ("bfloat16", "float32", "float16"):
-            raise ValueError(f"compute_dtype={self.compute_dtype!r}: use 'bfloat16' or 'float32'")
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}: use 'bfloat16', 'float32' or 'float16'")
 
     @property
     def head_dim(self) -> int:

@@ -5,7 +5,6 @@
     python sample.py --rundir=runs/owt --start=FILE:prompt.txt --top_p=0.9 --checkpoint=best
     python sample.py --init_from=gpt2 --start="ROMEO:"     # OpenAI's GPT-2, downloaded (gpt2.py)
     python sample.py --rundir=runs/digits --num_samples=8     # images (prepare_digits.py): a PNG
-    python sample.py --benchmark          # tokens/s of cached vs naive decoding (BENCHMARKS.md)
 
 Only the samples go to stdout, each followed by a line of dashes (as in nanoGPT), so the output
 can be piped; progress goes to stderr. The tokenizer comes from the run's data directory
@@ -30,8 +29,8 @@ import numpy as np
 
 import data
 from cli import ArgumentParser, UserError, run_cli
-from decode import generate, sample_token
-from model import GPT, GPTConfig, cast_floats, embed, with_config
+from decode import generate
+from model import GPT, with_config
 
 SEPARATOR = "---------------"
 
@@ -70,13 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default RUNDIR/samples.png); --start=LABEL draws that class only")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"),
                         help="compute dtype (default: the run's model.compute_dtype)")
-    parser.add_argument("--benchmark", choices=tuple(BENCHMARK_SHAPES), nargs="?",
-                        const="shakespeare_char",
-                        help="measure tokens/s of cached vs naive decoding on a random-init model "
-                        "of this shape (default shakespeare_char; no --rundir; uses "
-                        "--max_new_tokens, --num_samples and --dtype, default float32) and exit")
     args = parser.parse_args(argv)
-    if not args.benchmark and bool(args.rundir) == bool(args.init_from):
+    if bool(args.rundir) == bool(args.init_from):
         raise UserError("say what to sample from: --rundir=RUN (a directory made by launch.py) "
                         "or --init_from=GPT2 (a GPT-2 directory or name), one of the two")
     for name, ok, rule in [
@@ -129,17 +123,6 @@ def with_dtype(model: GPT, dtype: str | None) -> GPT:
     return with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))
 
 
-def checkpoint_step(train, rundir: Path, which: str) -> int:
-    """The step to sample from: 'auto' is the best checkpoint by val loss if any has one."""
-    if not (rundir / "checkpoints").is_dir():
-        raise UserError(f"{rundir} has no checkpoints yet: train first (or check --rundir)")
-    manager = train.checkpoint_manager(rundir)
-    if which == "auto":
-        scored = any(manager.metrics(s) for s in manager.all_steps())
-        which = "best" if scored else "latest"
-    return train.choose_step(manager, which)
-
-
 def sample_keys(seed: int, num_samples: int):
     # fold_in: sample i is the same whatever num_samples is
     return jax.vmap(lambda i: jr.fold_in(jr.key(seed), i))(jnp.arange(num_samples))
@@ -147,9 +130,6 @@ def sample_keys(seed: int, num_samples: int):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.benchmark:
-        return benchmark(args.benchmark, args.max_new_tokens, args.num_samples,
-                         args.dtype or "float32")
     if args.init_from:  # GPT-2's own weights: its BPE, its vocabulary
         import gpt2
 
@@ -157,18 +137,19 @@ def main(argv=None) -> None:
         tokenizer, source = data.GPT2Tokenizer(), f"GPT-2 weights {args.init_from}"
         prompt = tokenizer.encode(read_prompt(args.start))
     else:
-        import train  # here: --benchmark and --help need neither orbax nor the training code
+        import checkpoints  # here: --help needs neither orbax nor the training code
+        import train
 
         config = train.read_run_config(Path(args.rundir))
         tokenizer, meta = load_tokenizer(config.data_dir, args.rundir)
         vocab_size = meta["vocab_size"]
-        step = checkpoint_step(train, Path(args.rundir), args.checkpoint)
-        if meta["tokenizer"] == "pixels":
-            _, model = train.load_model(args.rundir, str(step))
-            return sample_images(args, model, meta, f"{args.rundir} (checkpoint at step {step})")
-        prompt = tokenizer.encode(read_prompt(args.start))  # UserError naming unknown characters
-        _, model = train.load_model(args.rundir, str(step))
+        step = checkpoints.choose_step(Path(args.rundir), args.checkpoint)
+        # encoded before the weights load: a prompt the tokenizer cannot read fails fast
+        prompt = None if tokenizer is None else tokenizer.encode(read_prompt(args.start))
+        _, model = train.load_model(args.rundir, step)
         source = f"{args.rundir} (checkpoint at step {step})"
+        if tokenizer is None:  # pixels
+            return sample_images(args, model, meta, source)
     if len(prompt) == 0:
         raise UserError("the prompt encodes to no tokens: pass a longer --start")
     model = with_dtype(model, args.dtype or ("float32" if args.init_from else None))
@@ -260,80 +241,6 @@ def write_png(path: Path, grey: np.ndarray) -> None:
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark: cached decoding against rerunning the whole context for every token
-
-
-def naive_generate(model: GPT, prompt, key, max_new_tokens: int, temperature: float = 1.0,
-                   top_k: int = 0, top_p: float = 1.0):
-    """What decoding costs without a cache (nanoGPT's loop, compiled): every token runs the full
-    forward over a fixed block_size window holding the last block_size tokens, zero-padded at the
-    end (causal attention: the padding cannot change earlier logits)."""
-    config = model.config
-    block = config.block_size
-    model = cast_floats(model, jnp.dtype(config.compute_dtype))
-    prompt = prompt[-block:].astype(jnp.int32)
-    window = jnp.zeros(block, jnp.int32).at[: prompt.shape[0]].set(prompt)
-
-    def step(carry, step_key):
-        window, length = carry
-        hidden = model.hidden(embed(model.embed, window))  # every position: the naive part
-        logits = model.logits(hidden[length - 1]).astype(jnp.float32)  # as nanoGPT: one row
-        token = sample_token(logits, step_key, temperature, top_k, top_p)
-        full = length == block  # slide by one, like nanoGPT's idx[:, -block_size:]
-        window = jnp.where(full, jnp.roll(window, -1), window)
-        window = window.at[jnp.where(full, block - 1, length)].set(token)
-        return (window, jnp.minimum(length + 1, block)), token
-
-    carry = (window, jnp.int32(prompt.shape[0]))
-    _, tokens = jax.lax.scan(step, carry, jr.split(key, max_new_tokens))
-    return tokens
-
-
-BENCHMARK_SHAPES = {
-    "shakespeare_char": GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384),
-    "gpt2": GPTConfig(),  # GPT-2 124M: block 1024, vocab 50304
-}
-
-
-def benchmark(shape: str = "shakespeare_char", max_new_tokens: int = 500, num_samples: int = 1,
-              dtype: str = "float32", decode=generate) -> dict:
-    """Tokens/s of `decode` (generate) vs naive_generate on a random-init model, prompt of one
-    token, temperature 0.8, the samples vmapped; the first call of each compiles and is not timed.
-    Also the bound of reading every weight once per decoding step at the device's memory
-    bandwidth, when it is known."""
-    config = dataclasses.replace(BENCHMARK_SHAPES[shape], compute_dtype=dtype)
-    model = GPT(config, key=jr.key(0))
-    prompt = jnp.zeros(1, jnp.int32)
-    keys = sample_keys(0, num_samples)
-
-    def batched(fn):
-        return eqx.filter_jit(lambda m, ks: jax.vmap(lambda k: fn(m, prompt, k, max_new_tokens,
-                                                                   temperature=0.8))(ks))
-
-    results = {}
-    for name, fn in (("cached", batched(decode)), ("naive", batched(naive_generate))):
-        jax.block_until_ready(fn(model, keys))  # compile
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(model, jr.split(keys[0], num_samples)))
-        results[name] = num_samples * max_new_tokens / (time.perf_counter() - t0)
-        status(f"{name}: {results[name]:,.1f} tokens/s")
-    device = jax.devices()[0].device_kind
-    weight_bytes = sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-    weight_bytes *= jnp.dtype(dtype).itemsize
-    bandwidth = next((bw for name, bw in MEMORY_BANDWIDTH.items() if name in device), None)
-    bound = "" if bandwidth is None else (
-        f"; reading the {weight_bytes / 1e6:.0f} MB of weights once per step bounds it at "
-        f"{num_samples * bandwidth / weight_bytes:,.0f} tokens/s")
-    status(f"cached / naive: {results['cached'] / results['naive']:.1f}x ({shape}, "
-           f"{num_samples} x {max_new_tokens} new tokens, {dtype}, {device}){bound}")
-    return results
-
-
-# Memory bandwidth per device in bytes/s, for the decoding bound: datasheet figures.
-MEMORY_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 if __name__ == "__main__":

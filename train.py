@@ -1,23 +1,16 @@
 """Training: the config, the mesh and FSDP shardings, the optimizer, the step, and the loop.
 
-Read top to bottom: TrainConfig -> mesh + sharding rule -> optimizer -> train/eval step ->
-checkpoints -> `train(config, rundir)`. `launch.py` is the command line on top of `train`.
+Read top to bottom: TrainConfig -> mesh + sharding rule -> optimizer -> train/eval step -> the
+run directory's config -> throughput -> `train(config, rundir)`, the loop. checkpoints.py saves
+and restores; `launch.py` is the command line on top of `train`.
 """
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import json
-import logging
 import math
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,22 +20,16 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+import checkpoints
 import data
 import evaluation
 import gpt2
 from cli import UserError
-from decode import generate
 from model import GPT, GPTConfig, flops_per_token, loss_fn, num_params
-
-# Orbax logs through absl, also for files it cannot parse; those failures reach the user as one
-# UserError line (restore_checkpoint), so its own log lines would only repeat them.
-logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,18 +100,10 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
         if self.fsdp != -1 and self.fsdp < 1:
             raise ValueError(f"fsdp={self.fsdp}: must be >= 1, or -1 for all devices left")
-        devices = self.data_parallel * max(self.fsdp, 1)
-        if self.batch_size % devices:
-            raise ValueError(f"batch_size={self.batch_size}: must divide over data_parallel x "
-                             f"fsdp = {devices} devices")
 
     @property
     def tokens_per_step(self) -> int:
         return self.grad_accum * self.batch_size * self.model.block_size
-
-
-def config_from_dict(d: dict) -> TrainConfig:
-    return TrainConfig(**{**d, "model": GPTConfig(**d["model"])})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,16 +121,21 @@ def make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
             f"{'at least ' * (config.fsdp == -1)}{needed} devices, {n_devices} found: "
             "lower --data_parallel or --fsdp"
         )
-    if config.batch_size % used:
-        raise UserError(
-            f"batch_size={config.batch_size} does not divide over {used} devices: "
-            f"use a multiple of {used}"
-        )
+    if config.batch_size % used:  # checked here only: the rows also divide over the hosts then
+        raise UserError(f"batch_size={config.batch_size} does not divide over the {used} devices "
+                        f"it is split over: use a multiple of {used}")
     devices = jax.devices()[:used]
     # Auto axes: XLA's partitioner places activations and collectives from the parameter and
     # batch shardings (newer jax defaults to explicit sharding-in-types, which vmap'd code fights).
     auto = (jax.sharding.AxisType.Auto,) * 2
     return jax.make_mesh((config.data_parallel, fsdp), ("data", "fsdp"), auto, devices=devices)
+
+
+def check_attention(config) -> None:
+    """attention="cudnn" runs only on NVIDIA GPUs: say so before the run directory is made."""
+    if config.model.attention == "cudnn" and jax.devices()[0].platform != "gpu":
+        raise UserError(f"model.attention=cudnn needs an NVIDIA GPU with cuDNN, and this machine "
+                        f"runs on {jax.devices()[0].platform}: use --model.attention=auto or xla")
 
 
 def names_on(path) -> set:
@@ -386,58 +370,18 @@ def evaluate(model, samplers: dict, config: TrainConfig, to_global, show=False) 
     return losses
 
 
-@eqx.filter_jit
-def greedy_completions(model, prompts, new_tokens: int, vocab_limit: int | None):
-    """(examples, new_tokens) greedy continuations of equal-length prompts, KV-cached, vmapped."""
-    key = jr.key(0)  # temperature 0 draws nothing
-
-    def one(prompt):
-        return generate(model, prompt, key, new_tokens, temperature=0.0, vocab_limit=vocab_limit)
-
-    return jax.vmap(one)(prompts)
-
-
-def completion_accuracy(model, examples: np.ndarray, prompt_length: int, vocab_limit=None,
-                        batch_size: int = 1024) -> tuple[int, int]:
-    """(correct, total) over examples (rows of tokens): a row is correct when its greedy
-    continuation from its first prompt_length tokens equals the rest of it, token for token."""
-    new_tokens = examples.shape[1] - prompt_length
-    batch_size = min(batch_size, len(examples))
-    correct = 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        prompts = np.zeros((batch_size, prompt_length), np.int32)  # padded: one compiled shape
-        prompts[: len(chunk)] = chunk[:, :prompt_length]
-        out = np.asarray(jax.device_get(greedy_completions(model, prompts, new_tokens, vocab_limit)))
-        correct += int(np.all(out[: len(chunk)] == chunk[:, prompt_length:], axis=1).sum())
-    return correct, len(examples)
-
-
 # ---------------------------------------------------------------------------------------------
-# Run directory: config.json, orbax checkpoints, TensorBoard events, log.txt
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+# The run directory's config: what it holds, what a resume may change, the model it restores
 
 
 def read_run_config(rundir: Path) -> TrainConfig:
+    """The resolved config a run directory's config.json holds."""
     path = Path(rundir) / "config.json"
     if not path.exists():
         raise UserError(f"{rundir} is not a run directory (no config.json): check --rundir")
     try:
-        return config_from_dict(json.loads(path.read_text())["config"])
+        fields = json.loads(path.read_text())["config"]
+        return TrainConfig(**{**fields, "model": GPTConfig(**fields["model"])})
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a valid eqxgpt config ({e}): check --rundir") from None
 
@@ -459,11 +403,11 @@ def check_rundir(config: TrainConfig, rundir: Path, meta: dict | None = None) ->
     settings a resume changes, {name: (old, new)}."""
     if rundir.exists() and not rundir.is_dir():
         raise UserError(f"--rundir={rundir} is a file, not a run directory: pass a directory")
-    checkpoints = rundir / "checkpoints"
-    if checkpoints.exists() and not checkpoints.is_dir():
-        raise UserError(f"{checkpoints} is a file where the run's checkpoints belong: move it away")
+    checkpoint_dir = rundir / "checkpoints"
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise UserError(f"{checkpoint_dir} is a file where the run's checkpoints belong: move it away")
     if not (rundir / "config.json").exists():
-        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        if checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
             raise UserError(f"{rundir} has checkpoints but no config.json: use a new --rundir")
         return {}
     previous = read_run_config(rundir)
@@ -495,269 +439,47 @@ def flat_model(config: TrainConfig) -> dict:
     return {f"model.{name}": value for name, value in dataclasses.asdict(config.model).items()}
 
 
-def resume_history(rundir: Path, step: int, changes: dict) -> list:
-    """config.json's history of resumes that changed settings, with this one (if it did)."""
-    path = rundir / "config.json"
-    history = json.loads(path.read_text()).get("history", []) if path.exists() else []
-    if changes:
-        history.append({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                        "changes": {name: list(values) for name, values in changes.items()}})
-    return history
-
-
-@contextlib.contextmanager
-def rundir_lock(rundir: Path):
-    """Holds rundir/train.lock while training there, so a second training in it is refused. The
-    kernel releases the lock when its process ends, however it ends: a lock file left by a dead
-    process is free. While held it names its holder; a clean exit empties it again, so a run
-    that ends (or is refused) leaves the run directory's files as they were."""
-    if jax.process_index() != 0:  # process 0 holds it for the whole run
-        yield
-        return
-    path = rundir / "train.lock"
-    try:
-        rundir.mkdir(parents=True, exist_ok=True)
-        lock_file = open(path, "a+")
-    except OSError as e:
-        raise UserError(f"cannot write to {rundir} ({e.strerror or e}): pass a --rundir you can "
-                        "write to, or copy this one to such a place") from None
-    with lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "unknown"
-            raise UserError(f"{rundir} is in use by another training ({holder}): wait for it to "
-                            "end or stop it, or pass another --rundir") from None
-        lock_file.truncate(0)
-        lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock_file.flush()
-        try:
-            yield
-        finally:
-            lock_file.truncate(0)
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step's directory once it is whole
-
-
-def is_disk_full(error: BaseException | None) -> bool:
-    """Whether error, or one it arose from, says the disk is full. Orbax's array writes (through
-    tensorstore) report it as a ValueError that quotes the OS's message."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(text in str(error) for text in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-@contextlib.contextmanager
-def disk_full_is_user_error(rundir: Path):
-    """A full disk, wherever in the run it shows (a checkpoint, log.txt, events), is one line
-    naming the last complete checkpoint, which survives it (orbax renames a step when whole)."""
-    try:
-        yield
-    except Exception as e:
-        if not is_disk_full(e):
-            raise
-        steps = sorted(int(p.name) for p in (rundir / "checkpoints").glob("*")
-                       if p.name.isdigit() and (p / COMMIT_MARKER).exists())
-        kept = f"the last good checkpoint is step {steps[-1]}" if steps else "no checkpoint was written"
-        raise UserError(f"the disk holding {rundir} is full: {kept}; free some space, then rerun "
-                        f"with --rundir={rundir} to resume") from None
-
-
-def set_aside_incomplete_checkpoints(rundir: Path) -> list[str]:
-    """Moves step directories that a crash left unfinished (orbax's temporary directories, or a
-    step without orbax's commit marker) into rundir/incomplete_checkpoints/, so a restart resumes
-    from the newest complete checkpoint and can save that step again. Nothing is deleted."""
-    directory = rundir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    incomplete = [p for p in directory.iterdir() if p.is_dir() and (
-        ocp.path.step.is_tmp_checkpoint(p) or (p.name.isdigit() and not (p / COMMIT_MARKER).exists()))]
-    aside = rundir / "incomplete_checkpoints"
-    for path in incomplete:
-        aside.mkdir(exist_ok=True)
-        os.replace(path, aside / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return sorted(p.name for p in incomplete)
-
-
-def checkpoint_manager(rundir: Path, keep_last: int | None = None) -> ocp.CheckpointManager:
-    """The run's checkpoints; keep_last=None opens them read-only (sampling, inspection)."""
-    options = {"create": False, "read_only": True}
-    if keep_last is not None:
-        policies = ocp.checkpoint_managers
-        keep = policies.AnyPreservationPolicy([
-            policies.LatestN(n=keep_last),
-            # BestN keeps the last n after sorting; reverse=True sorts descending: the lowest loss
-            policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
-                           keep_checkpoints_without_metrics=False),
-        ])
-        options = {"preservation_policy": keep, "enable_async_checkpointing": True}
-    # best_fn makes orbax store the metrics passed to save(), which BestN and "best" read back.
-    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["val_loss"], best_mode="min", **options)
-    directory = (rundir / "checkpoints").absolute()
-    try:
-        return ocp.CheckpointManager(directory, options=options)
-    except Exception as e:  # it reads every step's metadata: a damaged one fails here
-        raise UserError(f"the checkpoints in {directory} cannot be read ({type(e).__name__}: "
-                        f"{str(e)[:200]}): move the damaged step's directory away") from None
-
-
-def save_checkpoint(manager, step, params, opt_state, run_state: dict, val_loss=None):
-    # A save that runs out of space fails inside orbax's threads, which print a traceback per
-    # write still pending: refuse before writing when the free space cannot hold the checkpoint.
-    manager.wait_until_finished()  # the last save is on disk, so the free space is exact
-    needed = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves((params, opt_state)))
-    free = shutil.disk_usage(manager.directory).free
-    if free < needed:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: checkpoint {step} needs "
-                      f"{needed:,} bytes, {free:,} are free")
-    # Separate items, so sampling can restore the parameters without the optimizer state.
-    args = ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        run_state=ocp.args.JsonSave(run_state),
-    )
-    # Orbax writes into a temporary directory and renames it when complete: a crash mid-save
-    # leaves the previous checkpoints as they were and no half-written one that loads.
-    manager.save(step, args=args, metrics=None if val_loss is None else {"val_loss": val_loss})
-
-
-def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
-    """(params, opt_state or None, run_state) at step, each array placed on its own shard."""
-    items = {"params": ocp.args.StandardRestore(abstract_params),
-             "run_state": ocp.args.JsonRestore()}
-    if abstract_opt is not None:
-        items["opt_state"] = ocp.args.StandardRestore(abstract_opt)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # orbax raises many kinds: a healthy checkpoint of another layout, or
-        # a damaged one. Only the second may be deleted, so tell them apart by the saved layout.
-        abstract = {"params": abstract_params, "opt_state": abstract_opt}
-        for item, what in (("opt_state", "optimizer state"), ("params", "parameters")):
-            if abstract[item] is not None:
-                check_saved_layout(manager, step, item, what, abstract[item])
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"checkpoint {step} in {manager.directory} cannot be read, it is damaged "
-                        f"({reason}): delete that step's directory to fall back to an earlier one"
-                        ) from None
-    opt_state = restored.opt_state if abstract_opt is not None else None
-    return restored.params, opt_state, restored.run_state
-
-
-def check_saved_layout(manager, step, item: str, what: str, abstract) -> None:
-    """A UserError naming what differs when checkpoint `step` saved `item` with other array paths
-    or shapes than `abstract`: a healthy checkpoint of other settings, never to be deleted."""
-    def layout(tree):
-        return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
-                for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-    try:
-        directory = manager.directory / str(step) / item
-        saved = layout(ocp.StandardCheckpointHandler().metadata(directory).tree)
-    except Exception:  # its layout is unreadable too: damaged, not different
-        return
-    expected = layout(abstract)
-    differ = sorted(p for p in saved.keys() | expected.keys() if saved.get(p) != expected.get(p))
-    if not differ:
-        return
-    shape = lambda layout, path: str(layout[path]) if path in layout else "absent"  # noqa: E731
-    examples = "; ".join(f"{p}: {shape(saved, p)} saved, {shape(expected, p)} now" for p in differ[:2])
-    raise UserError(f"checkpoint {step} in {manager.directory} holds another {what} than this run "
-                    f"makes ({len(differ)} arrays differ, e.g. {examples}): the optimizer, its "
-                    "settings or the code changed since it was saved. Resume with the run's own "
-                    f"settings (--rundir={manager.directory.parent}, no overrides) or start a new "
-                    "--rundir; nothing on disk was changed")
-
-
-def choose_step(manager, which: str) -> int:
-    """'latest', 'best' (lowest val loss) or a step number, among the checkpoints on disk."""
-    steps = manager.all_steps()
-    if not steps:
-        raise UserError(f"no checkpoints in {manager.directory}: train first")
-    if which == "latest":
-        return max(steps)
-    if which == "best":
-        scored = [(m["val_loss"], s) for s in steps if (m := manager.metrics(s))]
-        if not scored:
-            raise UserError("no checkpoint has a val loss yet: use --checkpoint=latest")
-        return min(scored)[1]
-    if not which.isdigit() or int(which) not in steps:
-        raise UserError(f"--checkpoint={which}: use latest, best or one of {sorted(steps)}")
-    return int(which)
-
-
-def load_model(rundir, which: str = "latest") -> tuple[TrainConfig, GPT]:
-    """The trained model of a run (parameters only, no optimizer state) on the devices present."""
+def load_model(rundir, which: str | int = "latest") -> tuple[TrainConfig, GPT]:
+    """The trained model of a run (parameters only, no optimizer state) on the devices present;
+    which: a checkpoint as checkpoints.choose_step names it."""
     rundir = Path(rundir)
     config = read_run_config(rundir)
+    step = checkpoints.choose_step(rundir, which)
     # Whatever devices are here now (a run trained on 8 GPUs samples on 1 CPU): FSDP over all.
     config = dataclasses.replace(config, data_parallel=1, fsdp=-1, batch_size=jax.device_count())
-    if not (rundir / "checkpoints").is_dir():
-        raise UserError(f"{rundir} has no checkpoints yet: train first (or check --rundir)")
     abstract_params, _, static, _ = abstract_state(config, make_mesh(config))
-    manager = checkpoint_manager(rundir)
-    params, _, _ = restore_checkpoint(manager, choose_step(manager, which), abstract_params)
+    manager = checkpoints.checkpoint_manager(rundir)
+    params, _, _ = checkpoints.restore_checkpoint(manager, step, abstract_params)
     return config, eqx.combine(params, static)
 
 
-# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPUs) report no MFU.
+# ---------------------------------------------------------------------------------------------
+# Throughput, as the loop logs it and bench.py prints it
+
+
+# Per device, from datasheets: dense bf16 peak FLOP/s (for MFU) and memory bandwidth in bytes/s
+# (bench.py --decode's bound). A device not listed (a CPU) reports neither.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+MEMORY_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
-def peak_flops_per_device() -> float | None:
+def this_device(table: dict) -> float | None:
+    """This machine's entry in PEAK_FLOPS or MEMORY_BANDWIDTH, or None."""
     kind = jax.devices()[0].device_kind
-    return next((peak for name, peak in PEAK_FLOPS.items() if name in kind), None)
+    return next((value for name, value in table.items() if name in kind), None)
+
+
+def throughput(config: TrainConfig, seconds_per_step: float, devices: int):
+    """(tokens/s, MFU): MFU is the FLOP/s of the model (flops_per_token: 6N + 12LdT, PaLM) over
+    the peak of the devices the step runs on, None where the peak is unknown."""
+    tokens_per_s = config.tokens_per_step / seconds_per_step
+    peak = this_device(PEAK_FLOPS)
+    mfu = tokens_per_s * flops_per_token(config.model) / (peak * devices) if peak else None
+    return tokens_per_s, mfu
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
-
-
-def preemption_notice(manager):
-    """(stop_requested(step), stop_listening()): stop_requested is True once the run should save
-    and stop.
-
-    SIGTERM is what SLURM, Kubernetes and spot machines send before they take a machine. With
-    one process, a handler notes it and the loop stops after the step in flight. With several,
-    JAX's preemption service (started by jax.distributed) receives it, and orbax's
-    reached_preemption(step) turns True on every host at the same step, so all save that step.
-    """
-    received, interrupted = threading.Event(), threading.Event()
-    main_thread = threading.current_thread() is threading.main_thread()
-    own_handler = jax.process_count() == 1 and main_thread
-    if own_handler:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
-    if main_thread:
-        # Ctrl-C is noted too, not raised inside a step whose inputs are donated (they could not
-        # be saved); a second Ctrl-C stops at once.
-        def on_ctrl_c(signum, frame):
-            interrupted.set()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-        previous_int = signal.signal(signal.SIGINT, on_ctrl_c)
-
-    def stop_requested(step: int) -> str | None:
-        """"SIGINT", "SIGTERM" (or the multi-host preemption notice), or None: train on."""
-        if interrupted.is_set():
-            return "SIGINT"
-        if received.is_set():
-            return "SIGTERM"
-        preempted = manager is not None and jax.process_count() > 1 and manager.reached_preemption(step)
-        return "SIGTERM" if preempted else None
-
-    def stop_listening():
-        if own_handler:
-            signal.signal(signal.SIGTERM, previous)
-        if main_thread:
-            signal.signal(signal.SIGINT, previous_int)
-
-    return stop_requested, stop_listening
 
 
 def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]:
@@ -814,49 +536,50 @@ def open_data(config: TrainConfig, mesh):
     return meta, train_batches, eval_batches, to_global
 
 
-def open_checkpoints(config: TrainConfig, rundir: Path) -> tuple[ocp.CheckpointManager, list]:
-    """The run's checkpoint manager, after half-written checkpoints are set aside."""
-    set_aside = set_aside_incomplete_checkpoints(rundir) if jax.process_index() == 0 else []
-    if jax.process_count() > 1:  # the other hosts wait until process 0 has tidied up
-        multihost_utils.sync_global_devices("incomplete checkpoints set aside")
-    return checkpoint_manager(rundir, config.keep_checkpoints), set_aside
-
-
 def create_or_restore_state(config: TrainConfig, abstract, manager, train_batches):
-    """(params, opt_state, dropout key data, step): restored from the latest checkpoint (which
+    """(model, opt_state, dropout key data, step): restored from the latest checkpoint (which
     also moves train_batches on to its step), else initialised (or GPT-2's, with init_from)."""
-    abstract_params, abstract_opt, _, optimizer = abstract
-    if manager is not None and manager.latest_step() is not None:
-        step = manager.latest_step()
-        params, opt_state, run_state = restore_checkpoint(manager, step, abstract_params, abstract_opt)
+    abstract_params, abstract_opt, static, optimizer = abstract
+    step = None if manager is None else manager.latest_step()
+    if step is None:
+        params, opt_state = init_state(config, abstract_params, abstract_opt, optimizer)
+        step, key_data = 0, np.asarray(jr.key_data(jr.key(config.seed)))
+    else:
+        params, opt_state, run_state = checkpoints.restore_checkpoint(manager, step, abstract_params,
+                                                                      abstract_opt)
         train_batches.load_state_dict(run_state["sampler"])
-        return params, opt_state, np.asarray(run_state["key"], np.uint32), step
-    params, opt_state = init_state(config, abstract_params, abstract_opt, optimizer)
-    return params, opt_state, np.asarray(jr.key_data(jr.key(config.seed))), 0
+        key_data = np.asarray(run_state["key"], np.uint32)
+    return eqx.combine(params, static), opt_state, key_data, step
 
 
 @contextlib.contextmanager
-def run_outputs(config: TrainConfig, rundir: Path, meta: dict, progress_bar: bool, history=()):
-    """(log, writer, bar): log(line) prints a line and appends it to log.txt; writer takes
-    TensorBoard scalars; bar is the tqdm progress bar (disabled when stdout is no terminal).
-    Only process 0 writes. With the bar on, per-step lines go to log.txt only (the bar shows
-    them) and other lines are printed above it; log.txt never receives the bar's redraws."""
+def run_outputs(config: TrainConfig, rundir: Path, meta: dict, start: int, changes: dict):
+    """(log, scalar, bar), after config.json is written (with this resume's changes in its
+    history): log(line) prints a line and appends it to log.txt; scalar(name, value, step) writes
+    a TensorBoard scalar; bar is the tqdm progress bar (off when stdout is no terminal). Only
+    process 0 writes. With the bar on, per-step lines go to log.txt only (the bar shows them) and
+    other lines are printed above it; log.txt never receives the bar's redraws."""
     if jax.process_index() != 0:
-        yield (lambda line, step_line=False: None), None, tqdm(disable=True)
+        yield (lambda line, step_line=False: None), (lambda name, value, step: None), tqdm(disable=True)
         return
+    path = rundir / "config.json"
+    history = json.loads(path.read_text()).get("history", []) if path.exists() else []
+    if changes:
+        history.append({"step": start, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "changes": {name: list(values) for name, values in changes.items()}})
     rundir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(rundir / "config.json", {
-        "config": dataclasses.asdict(config), "git_commit": git_commit(),
+    checkpoints.write_json_atomic(path, {
+        "config": dataclasses.asdict(config), "git_commit": checkpoints.git_commit(),
         "data": {"dir": config.data_dir, "train_sha256": meta.get("train_sha256"),
                  "val_sha256": meta.get("val_sha256")},
-        "history": list(history),  # resumes that changed settings: {step, time, changes}
+        "history": history,  # resumes that changed settings: {step, time, changes}
     })
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
     writer = SummaryWriter(str(rundir))
     writer.add_text("config", "```\n" + json.dumps(dataclasses.asdict(config), indent=2) + "\n```")
     bar = tqdm(total=config.max_steps, unit="step", file=sys.stdout, **bar_width(),
-               disable=not progress_bar, desc="compiling...")
+               disable=not sys.stdout.isatty(), desc="compiling...")
     with open(rundir / "log.txt", "a") as log_file, writer, bar:
 
         def log(line: str, step_line: bool = False):
@@ -867,213 +590,184 @@ def run_outputs(config: TrainConfig, rundir: Path, meta: dict, progress_bar: boo
             elif not step_line:
                 bar.write(line, file=sys.stdout)
 
-        yield log, writer, bar
+        yield log, writer.add_scalar, bar
+
+
+def evaluate_tasks(model, config: TrainConfig, meta: dict, step: int, log, scalar) -> None:
+    """What the run is asked to score besides its loss: exact match of greedy completions (the
+    dataset's completion_eval, meta.json) and HellaSwag (config.hellaswag); logged, and written
+    to TensorBoard under eval/."""
+    if "completion_eval" in meta:
+        match = evaluation.exact_match(model, meta, config.data_dir, "val")
+        log(f"step {step} | exact match on val: {100 * match['accuracy']:.2f}% ({match['correct']:,} "
+            f"of {match['total']:,} examples, greedy)")
+        scalar("eval/exact_match", match["accuracy"], step)
+    if config.hellaswag:
+        items = evaluation.read_hellaswag(config.hellaswag, config.model.block_size)  # read once
+        # batch_size // 4 items of 4 endings: no more rows than a training micro-batch
+        scores = evaluation.hellaswag_scores(model, items, max(1, config.batch_size // evaluation.ENDINGS),
+                                             vocab_limit=meta["vocab_size"])
+        log(f"step {step} | hellaswag: acc {scores['acc']:.4f} | acc_norm {scores['acc_norm']:.4f} "
+            f"({scores['items']:,} items)")
+        scalar("eval/hellaswag_acc", scores["acc"], step)
+        scalar("eval/hellaswag_acc_norm", scores["acc_norm"], step)
 
 
 def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
-    """Trains (or resumes) the run in rundir; returns the final model."""
+    """Trains (or resumes) the run in rundir; returns the final model. debug: a profile of a few
+    steps, and no checkpoints."""
     rundir = Path(rundir)
+    # Everything that can refuse the run does so before anything is written.
+    check_attention(config)
     mesh = make_mesh(config)
     meta, train_batches, eval_batches, to_global = open_data(config, mesh)
     changes = check_rundir(config, rundir, meta)
-    with rundir_lock(rundir), disk_full_is_user_error(rundir):
-        manager, set_aside = (None, []) if debug else open_checkpoints(config, rundir)
+    with contextlib.ExitStack() as stack:  # what is entered below is left in reverse order
+        stack.enter_context(checkpoints.rundir_lock(rundir))
+        stack.enter_context(checkpoints.disk_full_is_user_error(rundir))
+        manager, set_aside = None, []
+        if not debug:
+            manager, set_aside = checkpoints.open_checkpoints(rundir, config.keep_checkpoints)
+            stack.callback(manager.close)  # waits until the last save is on disk
         abstract = abstract_state(config, mesh)
-        params, opt_state, key_data, start = create_or_restore_state(config, abstract, manager,
-                                                                     train_batches)
-        abstract_params, _, static, optimizer = abstract
-        model = eqx.combine(params, static)
+        model, opt_state, key_data, start = create_or_restore_state(config, abstract, manager,
+                                                                    train_batches)
         if start >= config.max_steps:  # a finished run, started again: nothing to write
-            manager.close()
             if jax.process_index() == 0:
                 print(f"nothing to do: {rundir} is at step {start} of max_steps={config.max_steps} "
                       "(raise --max_steps to train on)", flush=True)
             return model
+        abstract_params, _, _, optimizer = abstract
         train_step = make_train_step(config, optimizer, abstract_params)
-        history = resume_history(rundir, start, changes)
-        with run_outputs(config, rundir, meta, sys.stdout.isatty(), history) as (log, writer, bar):
-            if set_aside:
-                log(f"incomplete checkpoints (a crash mid-save) moved to "
-                    f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
-            if changes:
-                log("resumed with " + ", ".join(f"{name} {old!r} -> {new!r}"
-                                                for name, (old, new) in changes.items()))
-            if config.warmup_steps >= config.max_steps:  # a short try run: never refused for it
-                log(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the run "
-                    f"ends inside the warmup, its last step at lr "
-                    f"{float(lr_schedule(config)(config.max_steps - 1)):.2e} "
-                    f"of the peak {config.learning_rate:.2e}")
-            log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
-                f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
-                f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
-                f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
-            return train_loop(config, rundir, debug, model, opt_state, key_data, start, train_step,
-                              (train_batches, eval_batches, to_global, meta), manager,
-                              (log, writer, bar))
+        log, scalar, bar = stack.enter_context(run_outputs(config, rundir, meta, start, changes))
+        if set_aside:
+            log(f"incomplete checkpoints (a crash mid-save) moved to "
+                f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
+        if changes:
+            log("resumed with " + ", ".join(f"{name} {old!r} -> {new!r}"
+                                            for name, (old, new) in changes.items()))
+        if config.warmup_steps >= config.max_steps:  # a short try run: never refused for it
+            log(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the run ends "
+                f"inside the warmup, its last step at lr "
+                f"{float(lr_schedule(config)(config.max_steps - 1)):.2e} of the peak "
+                f"{config.learning_rate:.2e}")
+        log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
+            f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
+            f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
+            f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
+        batches = stack.enter_context(contextlib.closing(train_batches.prefetch()))
+        stop_requested = stack.enter_context(checkpoints.preemption_notice(manager))
 
+        step, last_saved, pending = start, (start or None), []  # pending: metrics still on device
+        # ms/step counts from step_timer over the steps since timed_from: compilation, profiling
+        # and evaluations are not step time (nor are they training time to target_val_loss)
+        step_timer, timed_from = time.perf_counter(), start
+        run_clock, compile_seconds, eval_seconds, evaluations = time.perf_counter(), 0.0, 0.0, 0
+        profiling = False
 
-def exact_match(model, config: TrainConfig, meta: dict, step: int, log, writer) -> float:
-    """The dataset's completion_eval (meta.json): every val example decoded greedily from its
-    prompt, scored by exact match; logged, and written to TensorBoard as eval/exact_match."""
-    examples = np.asarray(data.open_split(config.data_dir, "val", meta), np.int32)
-    examples = examples.reshape(-1, meta["example_length"])
-    # vocab_limit: a model.vocab_size padded past the data's is never decoded into padding
-    correct, total = completion_accuracy(model, examples, meta["completion_eval"]["prompt_length"],
-                                         vocab_limit=meta["vocab_size"])
-    log(f"step {step} | exact match on val: {100 * correct / total:.2f}% ({correct:,} of "
-        f"{total:,} examples, greedy)")
-    if writer is not None:
-        writer.add_scalar("eval/exact_match", correct / total, step)
-    return correct / total
+        def save(val_loss=None):
+            run_state = {"step": step, "sampler": train_batches.state_dict(),
+                         "key": key_data.tolist(), "val_loss": val_loss}
+            checkpoints.save_checkpoint(manager, step, eqx.filter(model, eqx.is_array), opt_state,
+                                        run_state, val_loss=val_loss)
 
+        def flush():
+            """Reads the pending metrics (one sync), stops on NaN, writes each step's scalars."""
+            rows = check_finite(pending, last_saved)
+            for row_step, row in rows:
+                for name in ("loss", "lr", "grad_norm"):
+                    scalar(f"train/{name}", float(row[name]), row_step + 1)
+            return rows
 
-def hellaswag(model, config: TrainConfig, meta: dict, step: int, log, writer) -> dict:
-    """HellaSwag's acc and acc_norm on config.hellaswag (evaluation.py); logged, and written to
-    TensorBoard as eval/hellaswag_acc and eval/hellaswag_acc_norm."""
-    items = evaluation.read_hellaswag(config.hellaswag, config.model.block_size)  # read once
-    # batch_size // 4 items of 4 endings: no more rows than a training micro-batch
-    scores = evaluation.hellaswag_scores(model, items, max(1, config.batch_size // evaluation.ENDINGS),
-                                         vocab_limit=meta["vocab_size"])
-    log(f"step {step} | hellaswag: acc {scores['acc']:.4f} | acc_norm {scores['acc_norm']:.4f} "
-        f"({scores['items']:,} items)")
-    if writer is not None:
-        writer.add_scalar("eval/hellaswag_acc", scores["acc"], step)
-        writer.add_scalar("eval/hellaswag_acc_norm", scores["acc_norm"], step)
-    return scores
+        bar.update(start)
+        try:
+            while step < config.max_steps:
+                # step: one optimizer step; its metrics stay on device until the next log line
+                tokens, targets = next(batches)
+                model, opt_state, metrics = train_step(
+                    model, opt_state, to_global(tokens), to_global(targets), np.int32(step), key_data)
+                pending.append((step, metrics))
+                step += 1
+                bar.update(1)  # host-side only: the bar reads no metric here
+                if step == start + 1:  # the first step compiles: not step time, nor profiled
+                    jax.block_until_ready(metrics)
+                    compile_seconds = time.perf_counter() - step_timer
+                    log(f"step {step}: compiled and ran in {compile_seconds:.1f}s")
+                    bar.set_description("training")
+                    if debug:
+                        jax.profiler.start_trace(str(rundir / "profile"))
+                        profiling = True
+                    step_timer, timed_from = time.perf_counter(), step
+                if profiling and step >= start + 1 + config.profile_steps:
+                    jax.block_until_ready(model)
+                    jax.profiler.stop_trace()
+                    profiling = False
+                    log(f"profile of steps {start + 2}-{step} written to {rundir / 'profile'}")
+                    step_timer, timed_from = time.perf_counter(), step
 
-
-def train_loop(config, rundir, debug, model, opt_state, key_data, start, train_step, data_in,
-               manager, outputs):
-    """The loop: one step per batch; every log_interval steps one host sync reads the metrics;
-    every eval_interval steps an evaluation and a checkpoint. Returns the final model."""
-    train_batches, eval_batches, to_global, meta = data_in
-    log, writer, bar = outputs
-    peak = peak_flops_per_device()
-    flops_per_step = flops_per_token(config.model) * config.tokens_per_step
-    pending, last_saved = [], (start or None)
-
-    def save(val_loss=None):
-        run_state = {"step": step, "sampler": train_batches.state_dict(), "key": key_data.tolist()}
-        save_checkpoint(manager, step, eqx.filter(model, eqx.is_array), opt_state,
-                        {**run_state, "val_loss": val_loss}, val_loss=val_loss)
-
-    def flush():
-        """Reads the pending metrics (one sync), stops on NaN, logs each step to TensorBoard."""
-        rows = check_finite(pending, last_saved)
-        for row_step, row in rows if writer is not None else []:
-            for name in ("loss", "lr", "grad_norm"):
-                writer.add_scalar(f"train/{name}", float(row[name]), row_step + 1)
-        return rows
-
-    step_timer, timed_from = time.perf_counter(), start
-    run_clock, compile_seconds, eval_seconds, evaluations = time.perf_counter(), 0.0, 0.0, 0
-    profiling = False
-    batches = train_batches.prefetch()
-    step = start
-    bar.update(start)
-    stop_requested, stop_listening = preemption_notice(manager)
-    try:
-        while step < config.max_steps:
-            tokens, targets = next(batches)
-            model, opt_state, metrics = train_step(
-                model, opt_state, to_global(tokens), to_global(targets), np.int32(step), key_data
-            )
-            pending.append((step, metrics))
-            step += 1
-            bar.update(1)  # host-side only: the bar reads no metric here
-            if step == start + 1:  # exclude compilation from the step times (and the profile)
-                jax.block_until_ready(metrics)
-                compile_seconds = time.perf_counter() - step_timer
-                log(f"step {step}: compiled and ran in {compile_seconds:.1f}s")
-                bar.set_description("training")
-                if debug:
-                    jax.profiler.start_trace(str(rundir / "profile"))
-                    profiling = True
-                step_timer, timed_from = time.perf_counter(), step
-            if profiling and step >= start + 1 + config.profile_steps:
-                jax.block_until_ready(model)
-                jax.profiler.stop_trace()
-                profiling = False
-                log(f"profile of steps {start + 2}-{step} written to {rundir / 'profile'}")
-                step_timer, timed_from = time.perf_counter(), step  # writing it is not step time
-
-            if step % config.log_interval == 0 or step == config.max_steps:
-                rows = flush()
-                elapsed = time.perf_counter() - step_timer
-                if step > timed_from and rows:
-                    seconds = elapsed / (step - timed_from)
-                    last = rows[-1][1]
-                    tokens_per_s = config.tokens_per_step / seconds
-                    mfu = flops_per_step / seconds / (peak * jax.device_count()) if peak else None
-                    log(f"step {step} | loss {float(last['loss']):.4f} | lr {float(last['lr']):.2e} | "
-                        f"grad norm {float(last['grad_norm']):.3f} | {seconds * 1e3:.1f} ms/step | "
-                        f"{tokens_per_s:,.0f} tok/s | MFU {'%.1f%%' % (100 * mfu) if mfu else 'n/a'}",
-                        step_line=True)
-                    bar.set_postfix(loss=f"{float(last['loss']):.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                    if writer is not None:
-                        writer.add_scalar("perf/ms_per_step", seconds * 1e3, step)
-                        writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
+                # log: every log_interval steps, one host sync reads the metrics since the last
+                if step % config.log_interval == 0 or step == config.max_steps:
+                    rows = flush()
+                    if step > timed_from and rows:
+                        seconds = (time.perf_counter() - step_timer) / (step - timed_from)
+                        tokens_per_s, mfu = throughput(config, seconds, mesh.size)
+                        last = {name: float(value) for name, value in rows[-1][1].items()}
+                        log(f"step {step} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | grad "
+                            f"norm {last['grad_norm']:.3f} | {seconds * 1e3:.1f} ms/step | "
+                            f"{tokens_per_s:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'}",
+                            step_line=True)
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                        scalar("perf/ms_per_step", seconds * 1e3, step)
+                        scalar("perf/tokens_per_s", tokens_per_s, step)
                         if mfu:
-                            writer.add_scalar("perf/mfu", mfu, step)
-                step_timer, timed_from = time.perf_counter(), step
+                            scalar("perf/mfu", mfu, step)
+                    step_timer, timed_from = time.perf_counter(), step
 
-            if step % config.eval_interval == 0 or step == config.max_steps:
-                flush()
-                eval_start = time.perf_counter()
-                losses = evaluate(model, eval_batches, config, to_global, show=not bar.disable)
-                log(f"step {step} | eval: train {losses['train']:.4f} | val {losses['val']:.4f}")
-                if writer is not None:
-                    writer.add_scalar("eval/train_loss", losses["train"], step)
-                    writer.add_scalar("eval/val_loss", losses["val"], step)
-                if manager is not None:
-                    save(val_loss=losses["val"])
-                    last_saved = step
-                if "completion_eval" in meta:
-                    exact_match(model, config, meta, step, log, writer)
-                if config.hellaswag:
-                    hellaswag(model, config, meta, step, log, writer)
-                step_timer += time.perf_counter() - eval_start  # evaluation is not step time
-                eval_seconds += time.perf_counter() - eval_start
-                evaluations += 1
-                if losses["val"] <= config.target_val_loss:
-                    seconds = time.perf_counter() - run_clock - compile_seconds - eval_seconds
-                    log(f"step {step} | reached val {losses['val']:.4f} <= target_val_loss="
-                        f"{config.target_val_loss} after {seconds:.1f}s of training (the first "
-                        f"step's {compile_seconds:.1f}s with compilation and {evaluations} "
-                        f"evaluations' {eval_seconds:.1f}s not counted); stopping")
-                    if writer is not None:
-                        writer.add_scalar("eval/seconds_to_target", seconds, step)
-                    break
-
-            stop = stop_requested(step) if step < config.max_steps else None
-            if stop == "SIGINT":
-                raise KeyboardInterrupt  # after the step in flight: saved just below
-            if stop:
-                # Preempted: the step in flight has finished; save it and wait until it is on
-                # disk before exiting 0, so the scheduler's restart resumes right here.
-                if manager is None:  # --debug
-                    log(f"stopped by SIGTERM at step {step} (--debug: no checkpoints)")
-                    break
-                if step != last_saved:
+                # evaluate and save: every eval_interval steps, and after the last
+                if step % config.eval_interval == 0 or step == config.max_steps:
                     flush()
-                    save()
-                    manager.wait_until_finished()
-                log(f"stopped by SIGTERM at step {step}, checkpoint saved; rerun with "
-                    f"--rundir={rundir} to resume")
-                break
-    except KeyboardInterrupt:
-        # Stopping by hand keeps the work: save where we are, then stop (rerun to resume). A
-        # second Ctrl-C inside a step leaves its donated inputs deleted: nothing to save then.
-        deleted = any(a.is_deleted() for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-        if manager is not None and step != last_saved and not deleted:
-            flush()
-            save()
-            log(f"interrupted: checkpoint saved at step {step}; rerun with --rundir={rundir} to resume")
-        raise
-    finally:
-        stop_listening()
-        batches.close()
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
+                    eval_start = time.perf_counter()
+                    losses = evaluate(model, eval_batches, config, to_global, show=not bar.disable)
+                    log(f"step {step} | eval: train {losses['train']:.4f} | val {losses['val']:.4f}")
+                    scalar("eval/train_loss", losses["train"], step)
+                    scalar("eval/val_loss", losses["val"], step)
+                    if manager is not None:
+                        save(val_loss=losses["val"])
+                        last_saved = step
+                    evaluate_tasks(model, config, meta, step, log, scalar)
+                    step_timer += time.perf_counter() - eval_start
+                    eval_seconds += time.perf_counter() - eval_start
+                    evaluations += 1
+                    if losses["val"] <= config.target_val_loss:
+                        seconds = time.perf_counter() - run_clock - compile_seconds - eval_seconds
+                        log(f"step {step} | reached val {losses['val']:.4f} <= target_val_loss="
+                            f"{config.target_val_loss} after {seconds:.1f}s of training (the first "
+                            f"step's {compile_seconds:.1f}s with compilation and {evaluations} "
+                            f"evaluations' {eval_seconds:.1f}s not counted); stopping")
+                        scalar("eval/seconds_to_target", seconds, step)
+                        break
+
+                # stop: SIGTERM (a preemption) saves the step just finished and exits 0, so the
+                # scheduler's restart resumes right here; Ctrl-C saves it below, then exits 130
+                stop = stop_requested(step) if step < config.max_steps else None
+                if stop == "SIGINT":
+                    raise KeyboardInterrupt
+                if stop:
+                    if manager is not None and step != last_saved:
+                        flush()
+                        save()
+                        manager.wait_until_finished()  # on disk before the exit
+                    log(f"stopped by SIGTERM at step {step}" + (", checkpoint saved; rerun with "
+                        f"--rundir={rundir} to resume" if manager else " (--debug: no checkpoints)"))
+                    break
+        except KeyboardInterrupt:
+            # Ctrl-C keeps the work: the step just finished is saved, a rerun resumes from it. A
+            # second Ctrl-C inside a step leaves its donated inputs deleted: nothing to save then.
+            deleted = any(a.is_deleted() for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+            if manager is not None and step != last_saved and not deleted:
+                flush()
+                save()
+                log(f"interrupted: checkpoint saved at step {step}; rerun with --rundir={rundir} "
+                    "to resume")
+            raise
     return model

@@ -34,9 +34,9 @@ steps)
     "" "norm=bf16-apply" "model.qk_norm=False" 2>&1 | tee "$OUT/gpt2_steps.txt"
   python3 benchmarks/torch_nanogpt.py --device=cuda --shape=gpt2 --data_dir=data/shakespeare --benchmark_steps=15 2>&1 | tail -2 | tee -a "$OUT/gpt2_steps.txt"
   for n in 1 32; do
-    python3 sample.py --benchmark=gpt2 --num_samples=$n --dtype=bfloat16 2>&1 | tee -a "$OUT/decode.txt"
+    python3 bench.py --config=openwebtext --decode --num_samples=$n 2>&1 | tee -a "$OUT/decode.txt"
   done
-  python3 sample.py --benchmark=shakespeare_char --num_samples=1 --dtype=bfloat16 2>&1 | tee -a "$OUT/decode.txt"
+  python3 bench.py --config=shakespeare_char --decode --num_samples=1 2>&1 | tee -a "$OUT/decode.txt"
   ;;
 train)
   # the three seeds at once (their losses, not their times, are the result) ...

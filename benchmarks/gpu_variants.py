@@ -24,7 +24,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402
-import launch  # noqa: E402
+import cli  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
 
@@ -143,7 +143,7 @@ def patched(names: list[str]):
 
 def config_for(shape: str, changes: dict) -> train.TrainConfig:
     name, base = SHAPES[shape]
-    config = dataclasses.replace(launch.load_config(name), **base)
+    config = dataclasses.replace(cli.load_config(name), **base)
     model_changes = {k[len("model."):]: v for k, v in changes.items() if k.startswith("model.")}
     other = {k: v for k, v in changes.items() if not k.startswith("model.")}
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **model_changes),

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 import bench
+import checkpoints
+import cli
 import data
 import export
 import launch
@@ -140,12 +142,12 @@ def hold_lock_elsewhere(rundir: Path) -> subprocess.Popen:
 def test_a_second_training_in_a_run_directory_is_refused_naming_the_first(dataset, tmp_path, capsys):
     rundir = tmp_path / "run"
     rundir.mkdir()
-    with train.rundir_lock(rundir):
+    with checkpoints.rundir_lock(rundir):
         with pytest.raises(UserError, match=f"pid {os.getpid()} "):  # held while inside
-            with train.rundir_lock(rundir):
+            with checkpoints.rundir_lock(rundir):
                 pass
     with pytest.raises(KeyError):  # released however the training ends
-        with train.rundir_lock(rundir):
+        with checkpoints.rundir_lock(rundir):
             raise KeyError
     holder = hold_lock_elsewhere(rundir)
     try:
@@ -158,7 +160,7 @@ def test_a_second_training_in_a_run_directory_is_refused_naming_the_first(datase
         holder.wait()
     # the holder died without unlocking: its lock file is stale, and the next training takes it
     assert (rundir / "train.lock").read_text() == f"pid {holder.pid} on elsewhere"
-    with train.rundir_lock(rundir):
+    with checkpoints.rundir_lock(rundir):
         assert (rundir / "train.lock").read_text().startswith(f"pid {os.getpid()} ")
 
 
@@ -166,14 +168,14 @@ def test_a_second_training_in_a_run_directory_is_refused_naming_the_first(datase
 
 
 def tiny_config(data_dir) -> train.TrainConfig:
-    return launch.apply_overrides(launch.load_config("shakespeare_char_cpu"),
+    return cli.apply_overrides(cli.load_config("shakespeare_char_cpu"),
                                   [f"--data_dir={data_dir}", *TINY[1:]])
 
 
 def fake_run(rundir: Path, config: train.TrainConfig, meta: dict) -> None:
     """A run directory's config.json as run_outputs writes it (no checkpoints needed)."""
     rundir.mkdir(parents=True)
-    train.write_json_atomic(rundir / "config.json", {
+    checkpoints.write_json_atomic(rundir / "config.json", {
         "config": dataclasses.asdict(config),
         "data": {"dir": config.data_dir, "train_sha256": meta["train_sha256"],
                  "val_sha256": meta["val_sha256"]}})
@@ -282,6 +284,14 @@ def test_outputs_that_are_files_are_refused_before_any_work(tmp_path, capsys):
     assert a_file.read_text() == "keep me"
 
 
+def test_bench_decode_refuses_what_only_the_training_step_takes(capsys):
+    for option, words in (("--profile=/tmp/p", ["--profile", "training step"]),
+                          ("--data_dir=data", ["--data_dir", "training step"]),
+                          ("--max_new_tokens=0", ["--max_new_tokens", ">= 1"])):
+        one_line_error(lambda: bench.main(["--config=shakespeare_char_cpu", "--decode", option]),
+                       capsys, *words)
+
+
 def test_plot_run_refuses_an_out_it_cannot_write(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="plot_run.py's own dependency, not in requirements.txt")
     import plot_run
@@ -328,15 +338,15 @@ def can_mount_tmpfs() -> bool:
 def test_a_full_disk_is_recognised_in_orbax_errors_that_quote_the_os():
     tensorstore_style = ValueError("RESOURCE_EXHAUSTED: Error writing ...: Failed to write 367575 "
                                    "bytes to file 13: No space left on device [os_error_code='28']")
-    assert train.is_disk_full(tensorstore_style)
+    assert checkpoints.is_disk_full(tensorstore_style)
     try:
         try:
             raise OSError(28, "No space left on device")
         except OSError:
             raise RuntimeError("wrapped")
     except RuntimeError as e:
-        assert train.is_disk_full(e)
-    assert not train.is_disk_full(ValueError("a shape mismatch"))
+        assert checkpoints.is_disk_full(e)
+    assert not checkpoints.is_disk_full(ValueError("a shape mismatch"))
 
 
 @pytest.mark.slow

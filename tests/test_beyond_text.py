@@ -18,10 +18,10 @@ import optax
 import pytest
 
 import data
+import evaluation
 import prepare_addition
 import prepare_digits
 import sample
-import train
 from cli import UserError
 from model import GPT, GPTConfig, loss_fn
 from test_train import assert_one_line_error, run, scalars
@@ -169,7 +169,7 @@ def test_completion_accuracy_counts_the_examples_whose_greedy_continuation_match
     wrong[::3, 1] = (wrong[::3, 1] + 1) % 10  # every third example gets one wrong digit
     examples = np.concatenate([prompts, wrong], axis=1)
     # batch_size 4: three batches, the last one padded
-    correct, total = train.completion_accuracy(model, examples, 4, batch_size=4)
+    correct, total = evaluation.completion_accuracy(model, examples, 4, batch_size=4)
     assert total == 11 and correct == 11 - len(range(0, 11, 3))
 
 

@@ -199,7 +199,7 @@ def test_exact_match_is_measured_at_every_eval_interval_and_by_eval_py(tmp_path)
     assert results["exact_match"]["accuracy"] == pytest.approx(events[10], abs=1e-6)
     meta = data.load_meta(tmp_path / "add1")
     examples = np.asarray(data.open_split(tmp_path / "add1", "val", meta)).reshape(-1, 4)
-    correct, _ = train.completion_accuracy(model, examples, 2, vocab_limit=10)  # prompt: a, b
+    correct, _ = evaluation.completion_accuracy(model, examples, 2, vocab_limit=10)  # prompt: a, b
     assert results["exact_match"]["correct"] == correct
 
 

@@ -15,7 +15,8 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-import launch
+import checkpoints
+import cli
 import train
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig
 
@@ -35,7 +36,7 @@ def data_dir(tmp_path_factory, shakespeare_input) -> str:
 
 
 def run_config(data_dir, *overrides) -> train.TrainConfig:
-    return launch.apply_overrides(launch.load_config("shakespeare_char_cpu"),
+    return cli.apply_overrides(cli.load_config("shakespeare_char_cpu"),
                                   [f"--data_dir={data_dir}", *TINY_RUN, *overrides])
 
 
@@ -205,7 +206,7 @@ def test_target_val_loss_stops_at_the_first_evaluation_that_reaches_it(data_dir,
     log = (tmp_path / "reached" / "log.txt").read_text()
     assert "step 3 | reached val" in log and "<= target_val_loss=100.0 after" in log, log
     assert "step 4 |" not in log and "step 6 | eval" not in log, log
-    manager = train.checkpoint_manager(tmp_path / "reached")
+    manager = checkpoints.checkpoint_manager(tmp_path / "reached")
     assert manager.all_steps() == [3]  # the step that reached it is saved
 
     train.train(dataclasses.replace(config, target_val_loss=0.001), tmp_path / "missed")
@@ -232,7 +233,7 @@ BAD = [("--muon_learning_rate=-0.02", "muon_learning_rate"), ("--muon_learning_r
 @pytest.mark.parametrize("bad, field", BAD)
 def test_bad_optimizer_and_switch_values_are_refused_naming_the_field(bad, field):
     with pytest.raises(train.UserError, match=f"{field}="):
-        launch.apply_overrides(launch.load_config("shakespeare_char_cpu"), [bad])
+        cli.apply_overrides(cli.load_config("shakespeare_char_cpu"), [bad])
 
 
 @pytest.mark.slow

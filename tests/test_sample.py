@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+import checkpoints
 import model as model_py
 from decode import generate, sample_token, top_k_filter, top_p_filter
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, with_config
@@ -212,6 +214,35 @@ def test_with_config_changes_the_static_config_and_keeps_the_arrays(model):
 
 
 # ---------------------------------------------------------------------------------------------
+# bench.py --decode: the KV cache against the naive loop
+
+
+def test_the_decode_benchmarks_naive_loop_samples_what_the_cache_samples(small_block_model):
+    import bench
+
+    prompt = jnp.asarray([3, 1, 4], jnp.int32)  # 3 + 12 tokens: within the block, no rebuild
+    naive_jit = eqx.filter_jit(bench.naive_generate)
+    for temperature in (0.0, 1.0):  # the same step keys: the same draws from the same logits
+        naive = naive_jit(small_block_model, prompt, jr.key(5), 12, temperature=temperature)
+        cached = generate_jit(small_block_model, prompt, jr.key(5), 12, temperature=temperature)
+        np.testing.assert_array_equal(naive, cached)
+
+
+def test_bench_decode_reports_cached_and_naive_tokens_per_s(capsys):
+    import bench
+
+    bench.main(["--config=shakespeare_char_cpu", "--decode", "--max_new_tokens=8",
+                "--num_samples=2", "--model.n_layer=2", "--model.n_embd=64"])
+    out = capsys.readouterr().out
+    assert "2 x 8 new tokens" in out and "compute float32" in out, out
+    measured = re.search(r"cached ([\d,.]+) tokens/s \| naive ([\d,.]+) tokens/s \| "
+                         r"cached / naive ([\d.]+)x", out)
+    assert measured, out
+    cached, naive, ratio = (float(x.replace(",", "")) for x in measured.groups())
+    assert ratio == pytest.approx(cached / naive, abs=0.06)
+
+
+# ---------------------------------------------------------------------------------------------
 # sample.py end to end, on a run trained for a few steps
 
 
@@ -266,9 +297,7 @@ def test_prompt_from_file_and_checkpoint_by_step(trained_run, tmp_path):
 
 @pytest.mark.slow
 def test_best_checkpoint_is_the_default_and_named(trained_run):
-    import train
-
-    manager = train.checkpoint_manager(trained_run)
+    manager = checkpoints.checkpoint_manager(trained_run)
     best = min(manager.all_steps(), key=lambda s: manager.metrics(s)["val_loss"])
     assert best != max(manager.all_steps())  # the run has a best that is not the latest
     done = run_sample(f"--rundir={trained_run}", "--num_samples=1", "--max_new_tokens=10",
@@ -306,16 +335,13 @@ def test_missing_data_dir_is_a_clear_error(trained_run, tmp_path):
 
 
 def test_auto_checkpoint_is_the_best_when_one_has_a_val_loss(tmp_path):
-    import train
-    from sample import checkpoint_step
-
     params = {"w": jnp.ones(3)}
-    manager = train.checkpoint_manager(tmp_path, keep_last=5)
-    train.save_checkpoint(manager, 1, params, params, {"step": 1})  # no val loss: latest wins
+    manager = checkpoints.checkpoint_manager(tmp_path, keep_last=5)
+    checkpoints.save_checkpoint(manager, 1, params, params, {"step": 1})  # no val loss: latest wins
     manager.wait_until_finished()
-    assert checkpoint_step(train, tmp_path, "auto") == 1
+    assert checkpoints.choose_step(tmp_path, "auto") == 1
     for step, val_loss in [(2, 3.0), (3, 1.0), (4, 2.0)]:
-        train.save_checkpoint(manager, step, params, params, {"step": step}, val_loss=val_loss)
+        checkpoints.save_checkpoint(manager, step, params, params, {"step": step}, val_loss=val_loss)
     manager.wait_until_finished()
-    assert checkpoint_step(train, tmp_path, "auto") == 3
-    assert checkpoint_step(train, tmp_path, "latest") == 4
+    assert checkpoints.choose_step(tmp_path, "auto") == 3
+    assert checkpoints.choose_step(tmp_path, "latest") == 4
