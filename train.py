@@ -574,9 +574,7 @@ def run_outputs(config: TrainConfig, rundir: Path, meta: dict, start: int, chang
                  "val_sha256": meta.get("val_sha256")},
         "history": history,  # resumes that changed settings: {step, time, changes}
     })
-    from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
-
-    writer = SummaryWriter(str(rundir))
+    writer = summary_writer(rundir)
     writer.add_text("config", "```\n" + json.dumps(dataclasses.asdict(config), indent=2) + "\n```")
     bar = tqdm(total=config.max_steps, unit="step", file=sys.stdout, **bar_width(),
                disable=not sys.stdout.isatty(), desc="compiling...")
@@ -591,6 +589,21 @@ def run_outputs(config: TrainConfig, rundir: Path, meta: dict, start: int, chang
                 bar.write(line, file=sys.stdout)
 
         yield log, writer.add_scalar, bar
+
+
+def summary_writer(rundir: Path):
+    """tensorboardX's SummaryWriter, imported here (only process 0 writes events) and without
+    torch: tensorboardX imports torch whenever it is installed, only to recognise torch tensors,
+    which we never log; that import alone took ~1.5 s of every start (BENCHMARKS.md "Startup")."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter(str(rundir))
 
 
 def evaluate_tasks(model, config: TrainConfig, meta: dict, step: int, log, scalar) -> None:

@@ -793,3 +793,20 @@ def test_the_progress_bar_keeps_a_width_on_a_terminal_that_reports_none(monkeypa
     shown = os.read(leader, 4096).decode()
     os.close(leader)
     assert "50%" in shown and "█" in shown, shown  # a bar, not an empty line
+
+
+def test_the_event_writer_never_imports_torch(tmp_path):
+    """tensorboardX imports torch whenever it is installed: seconds of every start. A stand-in
+    torch module on the path records any import of it."""
+    fake, marker = tmp_path / "fake", tmp_path / "torch_was_imported"
+    fake.mkdir()
+    (fake / "torch.py").write_text(f"open({str(marker)!r}, 'w').close()\nTensor = type('T', (), {{}})\n")
+    script = (f"import os, sys; sys.path.insert(0, {str(fake)!r}); import train; "
+              f"w = train.summary_writer(train.Path({str(tmp_path / 'run')!r})); "
+              f"w.add_scalar('loss', 1.0, 1); w.close(); print(os.path.exists({str(marker)!r})); "
+              f"import torch; print(os.path.exists({str(marker)!r}))")
+    result = run(["-c", script])
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    # not imported by the writer; still importable by the user's code afterwards
+    assert result.stdout.split() == ["False", "True"], result.stdout
