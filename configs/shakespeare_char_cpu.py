@@ -19,7 +19,7 @@ config = TrainConfig(
     # and on Python source, two seeds each; peak 0.01 beat 0.02 and 0.04 (BENCHMARKS.md)
     optimizer="muon",
     muon_learning_rate=0.01,
-    muon_momentum=0.9,  # not 0.95: lower val by step 500 on both corpora and seeds, -0.005 at 2000
+    muon_momentum=0.9,  # not 0.95: lower val at step 400 on both corpora and seeds, -0.005 at 2000
     learning_rate=1e-3,  # AdamW's, for the embedding and the norm gains
     min_lr=1e-4,
     # 20 steps of warmup, not nanoGPT's 100: lower val at steps 250-500 on both corpora and both
