@@ -126,3 +126,13 @@ def apply_overrides(config, overrides: list[str]):
         return with_changes(config, changes)
     except ValueError as e:  # the dataclasses' own checks, e.g. heads that do not divide n_embd
         raise UserError(f"bad config value: {e}") from None
+
+
+def bar_width() -> dict:
+    """tqdm's width: the terminal's, or 80 columns where it reports none (a pty of width 0),
+    on which a bar that follows the terminal would shrink to nothing."""
+    try:
+        columns = os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # not a terminal, or no file descriptor
+        columns = 0
+    return {"dynamic_ncols": True} if columns > 0 else {"ncols": 80}

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import checkpoints
 import data
 import evaluation
 import gpt2
-from cli import UserError
+from cli import UserError, bar_width
 from model import GPT, GPTConfig, flops_per_token, loss_fn, num_params
 
 
@@ -346,16 +345,6 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params):
 @eqx.filter_jit
 def eval_step(model, tokens, targets):
     return loss_fn(model, tokens[0], targets[0])
-
-
-def bar_width() -> dict:
-    """tqdm's width: the terminal's, or 80 columns where it reports none (a pty of width 0),
-    on which a bar that follows the terminal would shrink to nothing."""
-    try:
-        columns = os.get_terminal_size(sys.stdout.fileno()).columns
-    except (OSError, ValueError, AttributeError):  # not a terminal, or no file descriptor
-        columns = 0
-    return {"dynamic_ncols": True} if columns > 0 else {"ncols": 80}
 
 
 def evaluate(model, samplers: dict, config: TrainConfig, to_global, show=False) -> dict[str, float]:

@@ -23,8 +23,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench  # noqa: E402
+import measure  # noqa: E402
 import cli  # noqa: E402
+import data  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
 
@@ -174,7 +175,7 @@ def time_variants(shape, variants, tokens, steps, warmup):
         patches, changes = parse_variant(spec)
         restore = patched(patches)
         try:
-            result = bench.benchmark(config_for(shape, changes), steps, warmup, tokens)
+            result = measure.benchmark(config_for(shape, changes), steps, warmup, tokens)
         finally:
             restore()
         rows.append((spec or "all tricks", result["ms_per_step"], result["compile_s"],
@@ -190,7 +191,7 @@ def params_after(config, tokens, steps):
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
     state = eqx.combine(params, static)
     train_step = train.make_train_step(config, optimizer, abstract_params)
-    sampler = bench.data.BatchSampler(tokens, config.model.block_size, config.batch_size, 1,
+    sampler = data.BatchSampler(tokens, config.model.block_size, config.batch_size, 1,
                                       seed=1337)
     key_data = np.asarray([0, 7], np.uint32)
     sharding = train.batch_sharding(mesh)
@@ -225,7 +226,7 @@ def main():
     p.add_argument("variants", nargs="*", help="e.g. '' 'embed=scatter-add' "
                    "'model.unroll_layers=False' 'logits=float32+embed=scatter-add'")
     args = p.parse_args()
-    tokens, source = bench.token_stream(config_for(args.shape, {}), args.data_dir)
+    tokens, source = measure.token_stream(config_for(args.shape, {}), args.data_dir)
     print(f"{args.shape} on {jax.devices()[0].device_kind}, jax {jax.__version__}, tokens from "
           f"{source}", flush=True)
     variants = args.variants or [""]

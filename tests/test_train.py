@@ -787,7 +787,7 @@ def test_the_progress_bar_keeps_a_width_on_a_terminal_that_reports_none(monkeypa
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 0, 0, 0))  # 0 columns
     with os.fdopen(follower, "w") as terminal:
         monkeypatch.setattr(sys, "stdout", terminal)
-        bar = tqdm(total=10, file=terminal, **train.bar_width())
+        bar = tqdm(total=10, file=terminal, **cli.bar_width())
         bar.update(5)
         bar.close()
     shown = os.read(leader, 4096).decode()
