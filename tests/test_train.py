@@ -28,7 +28,7 @@ import pytest
 import checkpoints
 import cli
 import train
-from model import GPT, GPTConfig, flops_per_token
+from model import flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to compile and run in seconds; float32 so runs on different meshes agree closely.
