@@ -11,10 +11,12 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import equinox as eqx
@@ -790,7 +792,11 @@ def test_the_progress_bar_keeps_a_width_on_a_terminal_that_reports_none(monkeypa
         bar = tqdm(total=10, file=terminal, **cli.bar_width())
         bar.update(5)
         bar.close()
-    shown = os.read(leader, 4096).decode()
+    # a pty hands its output over asynchronously: read until the closing bar's newline arrives
+    shown, deadline = "", time.monotonic() + 10
+    while "\n" not in shown and time.monotonic() < deadline:
+        if select.select([leader], [], [], 0.1)[0]:
+            shown += os.read(leader, 4096).decode()
     os.close(leader)
     assert "50%" in shown and "█" in shown, shown  # a bar, not an empty line
 
