@@ -37,7 +37,7 @@ import train
 from cli import ArgumentParser, UserError, apply_overrides, load_config, run_cli
 from decode import generate, sample_token
 from measure import benchmark, token_stream
-from model import GPT, GPTConfig, cast_floats, embed
+from model import GPT, GPTConfig, cast_floats, embed, num_params
 
 
 def kernel_times(profile_dir: str, steps: int, top: int = 20) -> list[tuple[str, float, int]]:
@@ -89,8 +89,6 @@ def naive_generate(model: GPT, prompt, key, max_new_tokens: int, temperature: fl
     return tokens
 
 
-
-
 def decode_benchmark(model_config: GPTConfig, max_new_tokens: int, num_samples: int) -> dict:
     """Tokens/s of generate and of naive_generate on a random-init model, temperature 0.8, the
     samples vmapped; each compiles on a first call, which is not timed. Also the bound of reading
@@ -108,8 +106,7 @@ def decode_benchmark(model_config: GPTConfig, max_new_tokens: int, num_samples: 
         start = time.perf_counter()
         jax.block_until_ready(fn(model, jr.split(jr.key(1), num_samples)))
         result[name] = num_samples * max_new_tokens / (time.perf_counter() - start)
-    params = sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-    result["weight_bytes"] = params * jnp.dtype(model_config.compute_dtype).itemsize
+    result["weight_bytes"] = num_params(model) * jnp.dtype(model_config.compute_dtype).itemsize
     bandwidth = train.this_device(train.MEMORY_BANDWIDTH)
     result["bound"] = num_samples * bandwidth / result["weight_bytes"] if bandwidth else None
     return result

@@ -111,7 +111,7 @@ def with_changes(config, changes: dict):
 
 def apply_overrides(config, overrides: list[str]):
     """All overrides are applied before the config checks itself, so relations between fields
-    (warmup_steps <= max_steps, ...) see the final values whatever the order on the line."""
+    (min_lr <= learning_rate, ...) see the final values whatever the order on the line."""
     changes = {}
     for item in overrides:
         key, sep, text = item.removeprefix("--").partition("=")

@@ -430,10 +430,10 @@ def flat_model(config: TrainConfig) -> dict:
 
 def load_model(rundir, which: str | int = "latest") -> tuple[TrainConfig, GPT]:
     """The trained model of a run (parameters only, no optimizer state) on the devices present;
-    which: a checkpoint as checkpoints.choose_step names it."""
+    which: a step the caller has chosen with checkpoints.choose_step, or a name it takes."""
     rundir = Path(rundir)
     config = read_run_config(rundir)
-    step = checkpoints.choose_step(rundir, which)
+    step = which if isinstance(which, int) else checkpoints.choose_step(rundir, which)
     # Whatever devices are here now (a run trained on 8 GPUs samples on 1 CPU): FSDP over all.
     config = dataclasses.replace(config, data_parallel=1, fsdp=-1, batch_size=jax.device_count())
     abstract_params, _, static, _ = abstract_state(config, make_mesh(config))

@@ -23,9 +23,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import measure  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
+import measure  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
 
