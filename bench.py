@@ -33,11 +33,12 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
-import train
 from cli import ArgumentParser, UserError, apply_overrides, load_config, run_cli
+from config import TrainConfig
 from decode import generate, sample_token
-from measure import benchmark, token_stream
-from model import GPT, GPTConfig, cast_floats, embed, num_params
+from measure import benchmark, token_stream, with_vocab
+from model import GPT, GPTConfig, cast_floats, forward, num_params
+from train import MEMORY_BANDWIDTH, check_attention, this_device
 
 
 def kernel_times(profile_dir: str, steps: int, top: int = 20) -> list[tuple[str, float, int]]:
@@ -76,8 +77,8 @@ def naive_generate(model: GPT, prompt, key, max_new_tokens: int, temperature: fl
 
     def step(carry, step_key):
         window, length = carry
-        hidden = model.hidden(embed(model.embed, window))  # every position: the naive part
-        logits = model.logits(hidden[length - 1]).astype(jnp.float32)  # as nanoGPT: one row
+        hidden, _ = forward(model, window[None])  # every position: the naive part
+        logits = model.logits(hidden[0, length - 1]).astype(jnp.float32)  # as nanoGPT: one row
         token = sample_token(logits, step_key, temperature, top_k, top_p)
         full = length == block  # slide by one, like nanoGPT's idx[:, -block_size:]
         window = jnp.where(full, jnp.roll(window, -1), window)
@@ -107,7 +108,7 @@ def decode_benchmark(model_config: GPTConfig, max_new_tokens: int, num_samples: 
         jax.block_until_ready(fn(model, jr.split(jr.key(1), num_samples)))
         result[name] = num_samples * max_new_tokens / (time.perf_counter() - start)
     result["weight_bytes"] = num_params(model) * jnp.dtype(model_config.compute_dtype).itemsize
-    bandwidth = train.this_device(train.MEMORY_BANDWIDTH)
+    bandwidth = this_device(MEMORY_BANDWIDTH)
     result["bound"] = num_samples * bandwidth / result["weight_bytes"] if bandwidth else None
     return result
 
@@ -145,13 +146,14 @@ def main(argv):
         raise UserError("--max_new_tokens and --num_samples must be >= 1")
     if args.decode and (args.profile or args.data_dir):
         raise UserError("--profile and --data_dir time the training step: drop them or --decode")
-    config = apply_overrides(load_config(args.config), overrides)
-    train.check_attention(config)
+    config = apply_overrides(load_config(args.config, TrainConfig), overrides)
+    check_attention(config)
     print(f"config {args.config} {' '.join(overrides)}".rstrip())
-    if args.decode:
-        return print_decode(config, args.max_new_tokens, args.num_samples)
     if args.profile:  # written after the timed steps: find out now that it cannot be
         writable_directory(Path(args.profile))
+    config = with_vocab(config, args.data_dir)
+    if args.decode:
+        return print_decode(config, args.max_new_tokens, args.num_samples)
     tokens, source = token_stream(config, args.data_dir)
     result = benchmark(config, args.steps, args.warmup, tokens, args.profile)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a (peak unknown for this device)"
@@ -169,7 +171,7 @@ def main(argv):
             print(f"{ms:8.2f} ms/step {launches:5d}x  {name[:100]}")
 
 
-def print_decode(config: train.TrainConfig, max_new_tokens: int, num_samples: int) -> None:
+def print_decode(config: TrainConfig, max_new_tokens: int, num_samples: int) -> None:
     result = decode_benchmark(config.model, max_new_tokens, num_samples)
     bound = "" if result["bound"] is None else (
         f" | reading the {result['weight_bytes'] / 1e6:.0f} MB of weights once per step bounds it "

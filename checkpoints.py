@@ -1,17 +1,22 @@
-"""A run directory's files: orbax checkpoints, which step to load, and what keeps them safe.
+"""A run directory, every file of it: what it holds, what a resume may change, its checkpoints,
+and the trained model it gives to sample.py, eval.py and export.py.
 
-    rundir/config.json      the resolved config (train.py writes it with write_json_atomic)
-    rundir/checkpoints/     one orbax step directory per checkpoint: params, opt_state, run_state
+    rundir/config.json      the resolved config, the code's commit, the data's hashes, the
+                            settings each resume changed (write_run_config, read_run_config)
+    rundir/checkpoints/     one orbax step directory per checkpoint: params, opt_state and
+                            run_state (the step, the batch sampler's position, the dropout key)
     rundir/train.lock       held while a training runs there (rundir_lock)
 
 A checkpoint is written whole or not at all (orbax renames a step's directory once complete);
 after a crash, a half-written one is set aside, never deleted. A full disk, a damaged step or a
 checkpoint of other settings is one UserError line. train.py saves and restores through this
 module, and stops to save one when the machine is about to go away (preemption_notice);
-sample.py, eval.py and export.py pick a checkpoint with choose_step.
+sample.py, eval.py and export.py pick a checkpoint with choose_step and load it with load_model,
+without the training code.
 """
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -25,11 +30,17 @@ import threading
 import time
 from pathlib import Path
 
+import equinox as eqx
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+import data
 from cli import UserError
+from config import TrainConfig
+from model import GPT, GPTConfig
+from sharding import abstract_model, make_mesh
 
 # Orbax logs through absl, also for files it cannot parse; those failures reach the user as one
 # UserError line (restore_checkpoint), so its own log lines would only repeat them.
@@ -51,6 +62,96 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json: what the run is, and what a resume may change
+
+
+def write_run_config(rundir: Path, config: TrainConfig, meta: dict, start: int, changes: dict):
+    """config.json: the resolved config, the code's commit, the hashes of the data it trains on,
+    and the history of resumes that changed settings ({step, time, changes}), this one's added."""
+    path = rundir / "config.json"
+    history = json.loads(path.read_text()).get("history", []) if path.exists() else []
+    if changes:
+        history.append({"step": start, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "changes": {name: list(values) for name, values in changes.items()}})
+    rundir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {
+        "config": dataclasses.asdict(config), "git_commit": git_commit(),
+        "data": {"dir": config.data_dir, "train_sha256": meta.get("train_sha256"),
+                 "val_sha256": meta.get("val_sha256")},
+        "history": history,
+    })
+
+
+def read_run_config(rundir: Path) -> TrainConfig:
+    """The resolved config a run directory's config.json holds."""
+    path = Path(rundir) / "config.json"
+    if not path.exists():
+        raise UserError(f"{rundir} is not a run directory (no config.json): check --rundir")
+    try:
+        fields = json.loads(path.read_text())["config"]
+        return TrainConfig(**{**fields, "model": GPTConfig(**fields["model"])})
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a valid eqxgpt config ({e}): check --rundir") from None
+
+
+# What a resume may change. Any setting may, and the new value takes effect (logged, and kept in
+# config.json's history), except those the checkpoint fixes, where a new value could not:
+REFUSED_ON_RESUME = {
+    "seed": "batches and dropout keep the checkpoint's seed",
+    "init_from": "the weights come from the checkpoint",
+    "optimizer": "the checkpoint holds the state of the optimizer it was trained with",
+}
+# ... and the model, except how the same function is computed (not what it computes).
+MODEL_MAY_CHANGE_ON_RESUME = ("attention", "remat", "unroll_layers")
+
+
+def check_rundir(config: TrainConfig, rundir: Path, meta: dict | None = None) -> dict:
+    """Refuses a run directory that config cannot run in, before anything is written into it:
+    a file, another model, other data (meta), a setting a resume cannot change. Returns the
+    settings a resume changes, {name: (old, new)}."""
+    if rundir.exists() and not rundir.is_dir():
+        raise UserError(f"--rundir={rundir} is a file, not a run directory: pass a directory")
+    checkpoint_dir = rundir / "checkpoints"
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise UserError(f"{checkpoint_dir} is a file where the run's checkpoints belong: move it away")
+    if not (rundir / "config.json").exists():
+        if checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
+            raise UserError(f"{rundir} has checkpoints but no config.json: use a new --rundir")
+        return {}
+    previous = read_run_config(rundir)
+    changed = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in MODEL_MAY_CHANGE_ON_RESUME
+               and getattr(previous.model, f.name) != getattr(config.model, f.name)]
+    if changed:
+        raise UserError(f"{rundir} holds a run of a different model (model.{', model.'.join(changed)} "
+                        "differ): use a new --rundir or the original config")
+    recorded = json.loads((rundir / "config.json").read_text()).get("data")
+    for split in data.SPLITS if meta is not None and isinstance(recorded, dict) else ():
+        was, now = recorded.get(f"{split}_sha256"), meta.get(f"{split}_sha256")
+        if was and now and was != now:
+            raise UserError(f"{config.data_dir} holds other data than the run in {rundir} was "
+                            f"trained on ({split}.bin's sha256 differs from its config.json): the "
+                            "token ids would mean other tokens; start a new --rundir")
+    old = {**dataclasses.asdict(previous), **flat_model(previous)}
+    new = {**dataclasses.asdict(config), **flat_model(config)}
+    changes = {name: (old.get(name), value) for name, value in new.items()
+               if name != "model" and old.get(name) != value}
+    for name, why in REFUSED_ON_RESUME.items():
+        if name in changes:
+            raise UserError(f"{rundir} was trained with {name}={changes[name][0]!r}, and "
+                            f"{name}={changes[name][1]!r} cannot take effect on resume ({why}): "
+                            f"keep {name}, or start a new --rundir")
+    return changes
+
+
+def flat_model(config: TrainConfig) -> dict:
+    return {f"model.{name}": value for name, value in dataclasses.asdict(config.model).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock, and the checkpoints
 
 
 @contextlib.contextmanager
@@ -156,7 +257,12 @@ def checkpoint_manager(rundir: Path, keep_last: int | None = None) -> ocp.Checkp
                         f"{str(e)[:200]}): move the damaged step's directory away") from None
 
 
-def save_checkpoint(manager, step, params, opt_state, run_state: dict, val_loss=None):
+def save_checkpoint(manager, step: int, params, opt_state, sampler_state: dict, key_data,
+                    val_loss: float | None = None):
+    """Saves the training state at step: the parameters and optimizer state, and as run_state the
+    step, the batch sampler's position, the dropout key and the val loss (if evaluated)."""
+    run_state = {"step": step, "sampler": sampler_state, "key": np.asarray(key_data).tolist(),
+                 "val_loss": val_loss}
     # A save that runs out of space fails inside orbax's threads, which print a traceback per
     # write still pending: refuse before writing when the free space cannot hold the checkpoint.
     manager.wait_until_finished()  # the last save is on disk, so the free space is exact
@@ -177,7 +283,8 @@ def save_checkpoint(manager, step, params, opt_state, run_state: dict, val_loss=
 
 
 def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
-    """(params, opt_state or None, run_state) at step, each array placed on its own shard."""
+    """(params, opt_state or None, run_state) at step, each array placed on its own shard.
+    run_state: {"sampler": the batch sampler's state, "key": the dropout key's data (uint32)}."""
     items = {"params": ocp.args.StandardRestore(abstract_params),
              "run_state": ocp.args.JsonRestore()}
     if abstract_opt is not None:
@@ -195,7 +302,9 @@ def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
                         f"({reason}): delete that step's directory to fall back to an earlier one"
                         ) from None
     opt_state = restored.opt_state if abstract_opt is not None else None
-    return restored.params, opt_state, restored.run_state
+    run_state = {"sampler": restored.run_state["sampler"],
+                 "key": np.asarray(restored.run_state["key"], np.uint32)}
+    return restored.params, opt_state, run_state
 
 
 def check_saved_layout(manager, step, item: str, what: str, abstract) -> None:
@@ -295,3 +404,16 @@ def choose_step(rundir: Path, which: str | int = "auto") -> int:
     if not which.isdigit() or int(which) not in steps:
         raise UserError(f"--checkpoint={which}: use auto, latest, best or one of {sorted(steps)}")
     return int(which)
+
+
+def load_model(rundir, which: int | str = "latest") -> tuple[TrainConfig, GPT]:
+    """The trained model of a run (parameters only, no optimizer state) with its config, on the
+    devices present: whatever they are now (a run trained on 8 GPUs samples on 1 CPU), FSDP over
+    all of them. which: a step the caller chose with choose_step, or a name choose_step takes."""
+    rundir = Path(rundir)
+    config = read_run_config(rundir)
+    step = which if isinstance(which, int) else choose_step(rundir, which)
+    config = dataclasses.replace(config, data_parallel=1, fsdp=-1, batch_size=jax.device_count())
+    abstract_params, static = abstract_model(config.model, make_mesh(config), config.fsdp_min_size)
+    params, _, _ = restore_checkpoint(checkpoint_manager(rundir), step, abstract_params)
+    return config, eqx.combine(params, static)

@@ -3,7 +3,8 @@ a config file with --key=value overrides.
 
 A script raises UserError for anything the user can fix (a bad argument, a missing file, a
 config value out of range); run_cli turns it into `error: ...` on stderr, with no traceback.
-launch.py and bench.py read a config as load_config(name), then apply_overrides(config, rest).
+launch.py and bench.py read a config as load_config(name, TrainConfig), then
+apply_overrides(config, rest).
 """
 
 import argparse
@@ -46,10 +47,9 @@ def run_cli(main) -> None:
 # Config files and overrides
 
 
-def load_config(name: str):
-    """The `config = TrainConfig(...)` of configs/<name>.py, or of the .py file at name."""
-    from train import TrainConfig  # here: train.py imports this module (and jax, which --help skips)
-
+def load_config(name: str, config_class: type):
+    """The `config = TrainConfig(...)` of configs/<name>.py, or of the .py file at name;
+    config_class is TrainConfig (config.py), which the caller imports."""
     path = Path(name) if name.endswith(".py") else CONFIG_DIR / f"{name}.py"
     if not path.is_file():
         available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.py")))
@@ -61,8 +61,8 @@ def load_config(name: str):
     except Exception as e:  # a config is code: any mistake in it is the user's to fix
         raise UserError(f"{path}, line {error_line(e, path)}: {type(e).__name__}: {e}") from None
     config = getattr(module, "config", None)
-    if not isinstance(config, TrainConfig):
-        raise UserError(f"{path} must define `config = TrainConfig(...)`")
+    if not isinstance(config, config_class):
+        raise UserError(f"{path} must define `config = {config_class.__name__}(...)`")
     return config
 
 

@@ -79,9 +79,8 @@ def model_shapes(args):
         config, _ = gpt2.read_config(gpt2.resolve(args.init_from))
         return config, None, None
     import checkpoints
-    import train
 
-    config = train.read_run_config(Path(args.rundir))
+    config = checkpoints.read_run_config(Path(args.rundir))
     return config.model, checkpoints.choose_step(Path(args.rundir), args.checkpoint), config.data_dir
 
 
@@ -97,13 +96,15 @@ def load(args, step):
         model, _ = gpt2.load(args.init_from)
         place = np.asarray
     else:
-        import train
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
+        import checkpoints
+        from sharding import make_mesh
+
         # the run's parameters on the devices present, FSDP over all of them (as sample.py)
-        config, model = train.load_model(args.rundir, step)
-        rows = NamedSharding(train.make_mesh(config), P(("data", "fsdp")))
+        config, model = checkpoints.load_model(args.rundir, step)
+        rows = NamedSharding(make_mesh(config), P(("data", "fsdp")))
         place = lambda batch: jax.device_put(batch, rows)  # noqa: E731
     dtype = args.dtype or ("float32" if args.init_from else model.config.compute_dtype)
     if dtype != model.config.compute_dtype:

@@ -26,7 +26,7 @@ import numpy as np
 import data
 from cli import UserError
 from decode import generate
-from model import GPT, cross_entropy, embed
+from model import GPT, token_losses
 
 ENDINGS = 4  # HellaSwag's choices per item
 SHORTEST_PADDING = 16  # HellaSwag rows are padded to 16, 32, 64, ... tokens: few compiled shapes
@@ -34,15 +34,11 @@ SHORTEST_PADDING = 16  # HellaSwag rows are padded to 16, 32, 64, ... tokens: fe
 
 @eqx.filter_jit
 def row_losses(model: GPT, inputs, targets, vocab_limit: int | None):
-    """(summed cross entropy, number of targets) of each row, over the targets >= 0.
-    vocab_limit: ids >= it (the padding of a rounded-up vocab_size) are left out of the softmax."""
-    x = jax.vmap(model.hidden)(embed(model.embed, inputs))
-    logits = model.logits(x)
-    if vocab_limit is not None:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
-    counted = targets >= 0
-    losses = cross_entropy(logits, jnp.where(counted, targets, 0))
-    return jnp.sum(jnp.where(counted, losses, 0.0), axis=1), jnp.sum(counted, axis=1)
+    """(summed cross entropy, number of targets) of each row, over the targets >= 0, computed as
+    training's loss is (model.token_losses). vocab_limit: ids >= it (the padding of a rounded-up
+    vocab_size) are left out of the softmax."""
+    losses, counted = token_losses(model, inputs, targets, vocab_limit=vocab_limit)
+    return jnp.sum(losses, axis=1), jnp.sum(counted, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,24 +29,21 @@ def main(argv=None) -> None:
     if any((out / name).exists() for name in ("config.json", "model.safetensors")) and not args.overwrite:
         raise UserError(f"{out} already holds a model: pass --overwrite or another --out")
 
-    import checkpoints
+    import checkpoints  # here: --help needs neither jax nor orbax
     import data
     import gpt2
-    import train
 
-    config = train.read_run_config(Path(args.rundir))
-    if not gpt2.is_gpt2(config.model):
+    config = checkpoints.read_run_config(Path(args.rundir))
+    if changed := gpt2.not_in_gpt2_layout(config.model):
         raise UserError(f"{args.rundir} is not of the GPT-2 architecture (its model has "
-                        f"position_embedding={config.model.position_embedding!r}, "
-                        f"norm={config.model.norm!r}, bias={config.model.bias}, "
-                        f"qk_norm={config.model.qk_norm}): only such runs export to GPT-2's layout")
+                        f"{', '.join(changed)}): only such runs export to GPT-2's layout")
     vocab_size = config.model.vocab_size
     try:  # the tokenizer's vocabulary, without the padding rows
         vocab_size = min(vocab_size, data.load_meta(config.data_dir)["vocab_size"])
     except UserError:
         pass  # the data directory is gone: keep every row
     step = checkpoints.choose_step(Path(args.rundir), args.checkpoint)
-    _, model = train.load_model(args.rundir, step)
+    _, model = checkpoints.load_model(args.rundir, step)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):  # asked first: safetensors' own error names no cause

@@ -14,7 +14,6 @@ one table of names, so a load -> save -> load round trip is exact.
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import equinox as eqx
@@ -24,7 +23,7 @@ import jax.random as jr
 import numpy as np
 
 from cli import UserError
-from model import GPT, GPT2_ARCHITECTURE, GPTConfig
+from model import GPT, GPT2_ARCHITECTURE, GPTConfig, padded_vocab
 
 HUB_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
@@ -52,11 +51,11 @@ TENSORS = [
 ]
 # In OpenAI's upload but not parameters: the causal mask and its fill value, per layer.
 BUFFERS = ("attn.bias", "attn.masked_bias")
-
-
-def padded_vocab(vocab_size: int) -> int:
-    """GPT-2's 50257 rounded up to a multiple of 64 (50304): faster matmuls (nanoGPT)."""
-    return 64 * math.ceil(vocab_size / 64)
+# What GPT-2's config.json holds besides the architecture, which is GPT2_ARCHITECTURE ...
+IN_GPT2_CONFIG = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "norm_eps")
+# ... and the GPTConfig fields that say how the same weights are computed or trained, not what
+# they compute: a run keeps its own when GPT-2's weights load, and exports with any of them.
+HOW_COMPUTED = ("dropout", "attn_dropout", "attention", "remat", "unroll_layers", "compute_dtype")
 
 
 def resolve(source: str) -> Path:
@@ -163,14 +162,19 @@ def load(source: str, config: GPTConfig | None = None) -> tuple[GPT, int]:
 
 
 def with_shapes_of(config: GPTConfig, checkpoint: GPTConfig) -> GPTConfig:
-    """config's settings with the checkpoint's shapes and architecture."""
-    fixed = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "norm_eps",
-             *GPT2_ARCHITECTURE)
-    return dataclasses.replace(config, **{name: getattr(checkpoint, name) for name in fixed})
+    """The checkpoint's shapes and whole architecture, with config's settings of how to compute
+    them (dropout, compute_dtype, ...): a switch of config's that GPT-2 lacks is not kept."""
+    return dataclasses.replace(checkpoint, **{name: getattr(config, name) for name in HOW_COMPUTED})
 
 
-def is_gpt2(config: GPTConfig) -> bool:
-    return all(getattr(config, k) == v for k, v in GPT2_ARCHITECTURE.items() if k != "norm_eps")
+def not_in_gpt2_layout(config: GPTConfig) -> list[str]:
+    """The settings of config ("name=value") that GPT-2's layout cannot hold: every field neither
+    in GPT-2's config.json nor only about how the weights are computed must be GPT-2's own, so a
+    new switch is compared too, not only those GPT2_ARCHITECTURE lists."""
+    gpt2 = dataclasses.replace(type(config)(), **GPT2_ARCHITECTURE)
+    return [f"{field.name}={getattr(config, field.name)!r}" for field in dataclasses.fields(config)
+            if field.name not in (*IN_GPT2_CONFIG, *HOW_COMPUTED)
+            and getattr(config, field.name) != getattr(gpt2, field.name)]
 
 
 def save(model: GPT, out_dir: Path, vocab_size: int) -> None:
@@ -179,11 +183,16 @@ def save(model: GPT, out_dir: Path, vocab_size: int) -> None:
     from safetensors.numpy import save_file
 
     config = model.config
-    if not is_gpt2(config):
-        changed = [f"{k}={getattr(config, k)!r}" for k, v in GPT2_ARCHITECTURE.items()
-                   if k != "norm_eps" and getattr(config, k) != v]
+    if changed := not_in_gpt2_layout(config):
         raise UserError(f"only a GPT-2-architecture model exports to GPT-2's layout; this one has "
                         f"{', '.join(changed)}")
+    written = {id(get(model)) for get, _ in TENSORS}
+    left_out = [jax.tree_util.keystr(path) for path, array in
+                jax.tree_util.tree_leaves_with_path(eqx.filter(model, eqx.is_array))
+                if id(array) not in written]
+    if left_out:  # an array no GPT-2 tensor holds: the model is more than GPT-2
+        raise UserError(f"GPT-2's layout has no tensor for the model's {', '.join(left_out)}: only "
+                        "a GPT-2-architecture model exports")
     tensors = {}
     for get, name in TENSORS:
         array = np.asarray(jax.device_get(get(model)), np.float32)

@@ -60,11 +60,13 @@ def main(argv=None):
     parser.add_argument("-h", "--help", action="store_true", help="show this and every config field")
     args, overrides = parser.parse_known_args(argv)
 
-    from train import TrainConfig, read_run_config, train
+    from config import TrainConfig  # imported here, as below: argparse's errors come at once
 
     if args.config:
-        config = load_config(args.config)
+        config = load_config(args.config, TrainConfig)
     elif args.rundir and (Path(args.rundir) / "config.json").exists():
+        from checkpoints import read_run_config
+
         config = read_run_config(Path(args.rundir))  # resume with the run's own config
     elif args.help:
         config = TrainConfig()
@@ -101,6 +103,8 @@ def main(argv=None):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = Path(args.config).stem if args.config else "run"
     rundir = Path(args.rundir or f"runs/{name}-{stamp}")
+    from train import train
+
     train(config, rundir, debug=args.debug)
 
 

@@ -13,7 +13,9 @@ import numpy as np
 import data
 import train
 from cli import UserError
+from config import TrainConfig, with_data_vocab
 from model import num_params
+from sharding import batch_sharding, make_mesh
 
 
 def zipf_tokens(vocab_size: int, n: int = 2**22, exponent: float = 1.1) -> np.ndarray:
@@ -22,7 +24,19 @@ def zipf_tokens(vocab_size: int, n: int = 2**22, exponent: float = 1.1) -> np.nd
     return ((ranks - 1) % vocab_size).astype(np.int32)
 
 
-def token_stream(config: train.TrainConfig, data_dir: str | None) -> tuple[np.ndarray, str]:
+def with_vocab(config: TrainConfig, data_dir: str | None) -> TrainConfig:
+    """model.vocab_size=0 (the data's) read from the dataset (--data_dir, else the config's), as
+    training reads it; refused in one line when that dataset is not prepared."""
+    if config.model.vocab_size:
+        return config
+    data_dir = data_dir or config.data_dir
+    if not (Path(data_dir) / "meta.json").exists():
+        raise UserError(f"model.vocab_size=0 means the data's, and {data_dir} is not prepared: run "
+                        f"`{data.prepare_command(data_dir)}` or pass --model.vocab_size")
+    return with_data_vocab(config, data.load_meta(data_dir))
+
+
+def token_stream(config: TrainConfig, data_dir: str | None) -> tuple[np.ndarray, str]:
     """(tokens to draw batches from, where they came from)."""
     explicit = data_dir is not None
     data_dir = data_dir or config.data_dir
@@ -43,9 +57,9 @@ def peak_memory() -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
 
 
-def benchmark(config: train.TrainConfig, steps: int, warmup: int, tokens: np.ndarray,
+def benchmark(config: TrainConfig, steps: int, warmup: int, tokens: np.ndarray,
               profile_dir: str | None = None) -> dict:
-    mesh = train.make_mesh(config)
+    mesh = make_mesh(config)
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
     model = eqx.combine(params, static)
@@ -56,7 +70,7 @@ def benchmark(config: train.TrainConfig, steps: int, warmup: int, tokens: np.nda
     sampler = data.BatchSampler(tokens, config.model.block_size, config.batch_size,
                                 config.grad_accum, seed=1337)
     batches = [sampler.batch(step) for step in range(1 + warmup + steps)]
-    sharding = train.batch_sharding(mesh)
+    sharding = batch_sharding(mesh)
     key_data = np.zeros(2, np.uint32)
 
     def run(first_step, n):

@@ -14,10 +14,12 @@ KV cache and hands back its new keys and values, so swapping the attention or th
 """
 
 import dataclasses
+import functools
 import math
 
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
@@ -26,7 +28,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     block_size: int = 1024  # longest sequence the model is trained on
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls
+    vocab_size: int = 0  # 0: the data's (meta.json); GPT-2's BPE padded to 50304 for faster matmuls
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads; head_dim = n_embd / n_head
     n_embd: int = 768  # width of the residual stream
@@ -44,14 +46,16 @@ class GPTConfig:
     norm: str = "rms"  # "rms" (RMSNorm, a gain only) or "layer" (LayerNorm, as GPT-2)
     bias: bool = False  # biases on every linear layer and LayerNorm (GPT-2 has them)
     norm_eps: float = 1e-6  # added to the variance in every norm (GPT-2: 1e-5)
-    # relu2 (the speedrun's): val -0.09 at 2000 steps with AdamW on CPU, and a faster step
+    # relu2 (Primer; the speedrun's): a lower loss than GELU and a cheaper step on CPU
     # (BENCHMARKS.md "Model switches")
     mlp_activation: str = "gelu"  # "gelu" (tanh approximation, GPT-2) or "relu2": relu(x)**2
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.vocab_size < 0:
+            raise ValueError(f"vocab_size={self.vocab_size}: must be >= 1, or 0 for the data's")
         if not self.rope_base > 1:
             raise ValueError(f"rope_base={self.rope_base}: must be > 1")
         if not self.norm_eps > 0:
@@ -84,6 +88,12 @@ class GPTConfig:
 # the tanh approximation, which jax.nn.gelu computes by default.
 GPT2_ARCHITECTURE = dict(position_embedding="learned", norm="layer", bias=True, norm_eps=1e-5,
                          qk_norm=False, tie_embeddings=True, mlp_activation="gelu")
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """A vocabulary rounded up to a multiple of 64 (GPT-2's 50257 -> 50304): faster matmuls, as
+    nanoGPT pads it; the padding ids are never sampled."""
+    return 64 * math.ceil(vocab_size / 64)
 
 
 def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
@@ -225,32 +235,39 @@ class Attention(eqx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         impl = attention_implementation(self.config, x.dtype)
         rate = self.config.attn_dropout if key is not None else 0.0
+        start = 0 if cache is None else cache.length
+        queries = start + jnp.arange(seq)  # the positions of x's tokens
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k, cache.length, axis=0)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v, cache.length, axis=0)
-            # Query i sees slots 0..length+i: the cached tokens, the new ones up to itself, never
-            # the stale or empty slots after them.
-            mask = jnp.arange(k.shape[0])[None, :] <= (cache.length + jnp.arange(seq))[:, None]
+            # Slot i holds position i: the rule also hides the stale or empty slots after x's.
+            mask = causal_mask(queries, jnp.arange(k.shape[0]))
             # The XLA path: cuDNN's fused kernel is for causal training shapes, not a masked cache.
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
             cache = KVCache(k, v, cache.length + seq)
         elif impl == "explicit" or rate > 0:  # jax's fused kernels take no dropout
-            y = explicit_attention(q, k, v, rate, key)
-        else:  # softmax statistics are float32 inside both implementations
+            y = explicit_attention(q, k, v, causal_mask(queries, queries), rate, key)
+        else:  # causal_mask(queries, queries) as the flag the fused kernels take (cuDNN then skips
+            # the masked tiles); softmax statistics are float32 inside both implementations
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         return self.proj(y.reshape(x.shape)), cache
 
 
-def explicit_attention(q, k, v, rate: float = 0.0, key: PRNGKeyArray | None = None):
-    """Causal softmax(q k^T / sqrt(head_dim)) v written out, heads leading so both products are
-    plain batched matmuls, with nanoGPT's dropout on the probabilities when training (rate > 0).
-    It holds the (head, seq, seq) scores in memory: fine at block 256, costly at 1024, where a
-    GPU runs cuDNN's flash kernel instead."""
-    seq, _, head_dim = q.shape
+def causal_mask(queries: Int[Array, " q"], keys: Int[Array, " k"]) -> Array:
+    """The causal rule, (q, k) booleans: a query at position p sees the keys at positions <= p.
+    Every attention path takes it from here (the fused kernels as their is_causal flag)."""
+    return queries[:, None] >= keys[None, :]
+
+
+def explicit_attention(q, k, v, mask, rate: float = 0.0, key: PRNGKeyArray | None = None):
+    """softmax(q k^T / sqrt(head_dim)) v written out where mask is True, heads leading so both
+    products are plain batched matmuls, with nanoGPT's dropout on the probabilities when training
+    (rate > 0). It holds the (head, seq, seq) scores in memory: fine at block 256, costly at 1024,
+    where a GPU runs cuDNN's flash kernel instead."""
+    head_dim = q.shape[-1]
     q, k, v = (jnp.swapaxes(t, 0, 1) for t in (q, k, v))  # (head, seq, head_dim)
     scores = jnp.matmul(q, jnp.swapaxes(k, 1, 2), preferred_element_type=jnp.float32)
-    causal = jnp.tril(jnp.ones((seq, seq), bool))
-    scores = jnp.where(causal, scores / math.sqrt(head_dim), -jnp.inf)
+    scores = jnp.where(mask, scores / math.sqrt(head_dim), -jnp.inf)
     probs = dropout(jax.nn.softmax(scores, axis=-1), rate, key).astype(v.dtype)
     return jnp.swapaxes(probs @ v, 0, 1)  # (seq, head, head_dim)
 
@@ -384,15 +401,22 @@ def cast_floats(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
 
 
+# Marks a GPT field that is a lookup table: read by index, never multiplied, so num_params leaves
+# it out of the non-embedding count.
+LOOKUP = {"lookup": True}
+
+
 class GPT(eqx.Module):
-    embed: Float[Array, "vocab d"]
-    pos_embed: Float[Array, "block d"] | None  # learned positions; None with RoPE
-    blocks: Block  # stacked: a leading n_layer axis; train.in_block_stack knows this name
+    embed: Float[Array, "vocab d"] = eqx.field(metadata=LOOKUP)
+    pos_embed: Float[Array, "block d"] | None = eqx.field(metadata=LOOKUP)  # None with RoPE
+    blocks: Block  # stacked: a leading n_layer axis; in_block_stack (below) knows this name
     final_norm: RMSNorm | LayerNorm
     lm_head: Float[Array, "d vocab"] | None  # None when tied to embed
     config: GPTConfig = eqx.field(static=True)
 
     def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
+        if config.vocab_size < 1:  # 0 is "the data's": train.py resolves it from meta.json
+            raise ValueError("vocab_size=0 (the data's) must be resolved before the model is made")
         k_embed, k_blocks, k_head = jr.split(key, 3)
         k_pos = jr.fold_in(k_embed, 1)  # not a 4-way split: RoPE models keep their old init
         self.embed = 0.02 * jr.normal(k_embed, (config.vocab_size, config.n_embd), jnp.float32)
@@ -414,19 +438,15 @@ class GPT(eqx.Module):
         self, tokens: Int[Array, " seq"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, "seq vocab"]:
         """Float32 next-token logits for one sequence. key=None: inference (no dropout)."""
-        x = self.hidden(embed(self.embed, tokens), key=key)
-        return self.logits(x).astype(jnp.float32)
-
-    def hidden(self, x: Float[Array, "seq d"], *, key=None) -> Float[Array, "seq d"]:
-        """The final-normed hidden states of embedded tokens x (training, evaluation)."""
-        return self.run_blocks(x, key=key)[0]
+        hidden, _ = forward(self, tokens[None], key=key)
+        return self.logits(hidden[0]).astype(jnp.float32)
 
     def run_blocks(
         self, x: Float[Array, "seq d"], cache: KVCache | None = None, *, key=None
     ) -> tuple[Float[Array, "seq d"], KVCache | None]:
-        """The one way through the blocks, for training, prefill and decoding: adds positions to
-        embedded tokens x, runs the stack and final-norms. Given a cache, x continues the tokens it
-        holds (positions start at cache.length) and it comes back with x's keys and values added."""
+        """The blocks of `forward` for one sequence: adds positions to embedded tokens x, runs the
+        stack and final-norms. Given a cache, x continues the tokens it holds (positions start at
+        cache.length) and it comes back with x's keys and values added."""
         config = self.config
         model = cast_floats(self, jnp.dtype(config.compute_dtype))
         start = 0 if cache is None else cache.length
@@ -467,6 +487,48 @@ class GPT(eqx.Module):
         return x @ head.astype(x.dtype)
 
 
+def forward(
+    model: GPT, tokens: Int[Array, "batch seq"], cache: KVCache | None = None, *, key=None
+) -> tuple[Float[Array, "batch seq d"], KVCache | None]:
+    """The forward pass, the one that training's loss, evaluation, decoding and the benchmarks all
+    run: token ids -> final-normed hidden states in the compute dtype (model.logits(hidden) gives
+    the logits), and the cache with the tokens' keys and values added (None without one).
+
+    key: dropout (training). cache: one KVCache per sequence (a leading batch axis on k and v, one
+    length for all); the tokens continue the ones it holds.
+    """
+    x = embed(model.embed, tokens)  # over the whole batch: one sorted sum in the backward
+    keys = None if key is None else jr.split(key, tokens.shape[0])
+    per_sequence = KVCache(0, 0, None)  # the vmapped axes of a cache: k and v, not its length
+    cache_axes = None if cache is None else per_sequence
+
+    def one(x, cache, key):
+        return model.run_blocks(x, cache, key=key)
+
+    return jax.vmap(one, in_axes=(0, cache_axes, None if key is None else 0),
+                    out_axes=(0, cache_axes))(x, cache, keys)
+
+
+def token_losses(
+    model: GPT, tokens: Int[Array, "batch seq"], targets: Int[Array, "batch seq"], *,
+    vocab_limit: int | None = None, key: PRNGKeyArray | None = None,
+) -> tuple[Float[Array, "batch seq"], Array]:
+    """(each target's cross entropy in float32, 0 where it is not counted; which are counted).
+
+    A negative target (data.IGNORE, as nanoGPT's ignore_index=-1) is a position no loss counts,
+    such as the question of an addition problem; on text, where every target counts, the mask
+    costs three elementwise passes over (batch, seq), nothing over the vocabulary. vocab_limit:
+    ids >= it (the padding of a rounded-up vocab_size) are left out of the softmax (evaluation).
+    """
+    hidden, _ = forward(model, tokens, key=key)
+    logits = model.logits(hidden)
+    if vocab_limit is not None:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    counted = targets >= 0
+    losses = cross_entropy(logits, jnp.where(counted, targets, 0))
+    return jnp.where(counted, losses, 0.0), counted
+
+
 def loss_fn(
     model: GPT,
     tokens: Int[Array, "batch seq"],
@@ -474,18 +536,9 @@ def loss_fn(
     *,
     key: PRNGKeyArray | None = None,
 ) -> Float[Array, ""]:
-    """Mean next-token cross entropy over a batch, in float32, over the targets >= 0: a negative
-    target (data.IGNORE, as nanoGPT's ignore_index=-1) is a position no loss counts, such as the
-    question of an addition problem. On text, where every target counts, the mask costs three
-    elementwise passes over (batch, seq), nothing over the vocabulary."""
-    x = embed(model.embed, tokens)  # over the whole batch: one sorted sum in the backward
-    if key is None:
-        x = jax.vmap(lambda x: model.hidden(x))(x)
-    else:
-        x = jax.vmap(lambda x, k: model.hidden(x, key=k))(x, jr.split(key, tokens.shape[0]))
-    counted = targets >= 0
-    losses = cross_entropy(model.logits(x), jnp.where(counted, targets, 0))
-    return jnp.sum(jnp.where(counted, losses, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
+    """Training's loss: the mean next-token cross entropy over a batch's counted targets."""
+    losses, counted = token_losses(model, tokens, targets, key=key)
+    return jnp.sum(losses) / jnp.maximum(jnp.sum(counted), 1)
 
 
 def extend(
@@ -496,31 +549,64 @@ def extend(
     a decode step is extend(model, token[None], cache). The caller keeps
     cache.length + seq <= block_size (a full cache would silently overwrite its last slots)."""
     model = cast_floats(model, jnp.dtype(model.config.compute_dtype))  # a no-op if already cast
-    x, cache = model.run_blocks(embed(model.embed, tokens), cache)
-    return model.logits(x).astype(jnp.float32), cache
+    batch_of_one = KVCache(cache.k[None], cache.v[None], cache.length)
+    hidden, cache = forward(model, tokens[None], batch_of_one)
+    return model.logits(hidden[0]).astype(jnp.float32), KVCache(cache.k[0], cache.v[0], cache.length)
+
+
+# ---- Facts derived from the model itself: its parameter count, its FLOPs, its stacked arrays
 
 
 def num_params(model: GPT, non_embedding: bool = False) -> int:
-    """Parameter count (works on abstract models from eqx.filter_eval_shape too)."""
+    """Parameter count (works on abstract models from eqx.filter_eval_shape too); non_embedding
+    leaves out the lookup tables (the fields marked LOOKUP), as nanoGPT counts."""
     is_param = lambda x: isinstance(x, (jax.Array, jax.ShapeDtypeStruct))  # noqa: E731
-    total = sum(math.prod(a.shape) for a in jax.tree.leaves(model) if is_param(a))
-    if non_embedding:  # lookups, not matmuls (as nanoGPT counts)
-        total -= math.prod(model.embed.shape)
-        total -= 0 if model.pos_embed is None else math.prod(model.pos_embed.shape)
+    count = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree) if is_param(a))  # noqa: E731
+    total = count(model)
+    if non_embedding:
+        total -= sum(count(getattr(model, f.name)) for f in dataclasses.fields(model)
+                     if f.metadata.get("lookup"))
     return total
 
 
+@functools.lru_cache(maxsize=16)  # the loop asks at every log line
 def flops_per_token(config: GPTConfig) -> int:
-    """Training FLOPs per token, 6N + 12·L·d·T (PaLM, appendix B).
-
-    N counts every weight a token is multiplied by: the non-embedding parameters plus the lm_head
-    (the embedding lookup itself is free). 12·L·d·T is attention's QK^T and AV, forward+backward.
-    """
+    """Training FLOPs per token: 3x the forward's matrix multiplications (the backward does two
+    for each), counted in the jaxpr of `forward` and the head over one block_size sequence with
+    the written-out attention. For the standard blocks that is 6N + 12·L·d·T (PaLM, appendix B;
+    N the non-embedding parameters plus the head, tested); it follows any change to the model:
+    a new matmul is counted, a lookup or an elementwise op is not."""
+    config = dataclasses.replace(config, attention="explicit")  # causal attention as two matmuls
     abstract = eqx.filter_eval_shape(GPT, config, key=jr.key(0))
-    n = num_params(abstract, non_embedding=True)
-    if config.tie_embeddings:
-        n += config.n_embd * config.vocab_size  # the tied head still does a matmul
-    return 6 * n + 12 * config.n_layer * config.n_embd * config.block_size
+    tokens = jax.ShapeDtypeStruct((1, config.block_size), jnp.int32)
+    jaxpr = eqx.filter_make_jaxpr(lambda m, t: m.logits(forward(m, t)[0]))(abstract, tokens)[0]
+    return 3 * matmul_flops(jaxpr.jaxpr) // config.block_size
+
+
+def matmul_flops(jaxpr) -> int:
+    """2 x the multiply-adds of every dot_general in a jaxpr, into the jaxprs inside its equations
+    (a scan's body counts `length` times)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracted, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[a] for a in contracted)
+        repeats = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += repeats * matmul_flops(inner)
+    return total
+
+
+def names_on(path) -> set:
+    """The attribute names (and dict keys) along a pytree path."""
+    return {getattr(key, "name", getattr(key, "key", None)) for key in path}
+
+
+def in_block_stack(path) -> bool:
+    """Arrays under .blocks carry a leading n_layer axis (blocks are stacked and scanned): the
+    FSDP rule never splits that axis, and the optimizer treats it as a batch of matrices."""
+    return "blocks" in names_on(path)
 
 
 def with_config(model: GPT, config: GPTConfig) -> GPT:

@@ -137,16 +137,15 @@ def main(argv=None) -> None:
         tokenizer, source = data.GPT2Tokenizer(), f"GPT-2 weights {args.init_from}"
         prompt = tokenizer.encode(read_prompt(args.start))
     else:
-        import checkpoints  # here: --help needs neither orbax nor the training code
-        import train
+        import checkpoints  # here: --help needs neither jax nor orbax
 
-        config = train.read_run_config(Path(args.rundir))
+        config = checkpoints.read_run_config(Path(args.rundir))
         tokenizer, meta = load_tokenizer(config.data_dir, args.rundir)
         vocab_size = meta["vocab_size"]
         step = checkpoints.choose_step(Path(args.rundir), args.checkpoint)
         # encoded before the weights load: a prompt the tokenizer cannot read fails fast
         prompt = None if tokenizer is None else tokenizer.encode(read_prompt(args.start))
-        _, model = train.load_model(args.rundir, step)
+        _, model = checkpoints.load_model(args.rundir, step)
         source = f"{args.rundir} (checkpoint at step {step})"
         if tokenizer is None:  # pixels
             return sample_images(args, model, meta, source)

@@ -28,6 +28,8 @@ import data  # noqa: E402
 import measure  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
+from config import TrainConfig  # noqa: E402
+from sharding import batch_sharding, make_mesh  # noqa: E402
 
 SHAPES = {  # config file, overrides
     "gpt2": ("openwebtext", dict(batch_size=32, grad_accum=1)),
@@ -142,9 +144,9 @@ def patched(names: list[str]):
     return restore
 
 
-def config_for(shape: str, changes: dict) -> train.TrainConfig:
+def config_for(shape: str, changes: dict) -> TrainConfig:
     name, base = SHAPES[shape]
-    config = dataclasses.replace(cli.load_config(name), **base)
+    config = dataclasses.replace(cli.load_config(name, TrainConfig), **base)
     model_changes = {k[len("model."):]: v for k, v in changes.items() if k.startswith("model.")}
     other = {k: v for k, v in changes.items() if not k.startswith("model.")}
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **model_changes),
@@ -186,7 +188,7 @@ def time_variants(shape, variants, tokens, steps, warmup):
 
 
 def params_after(config, tokens, steps):
-    mesh = train.make_mesh(config)
+    mesh = make_mesh(config)
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
     state = eqx.combine(params, static)
@@ -194,7 +196,7 @@ def params_after(config, tokens, steps):
     sampler = data.BatchSampler(tokens, config.model.block_size, config.batch_size, 1,
                                       seed=1337)
     key_data = np.asarray([0, 7], np.uint32)
-    sharding = train.batch_sharding(mesh)
+    sharding = batch_sharding(mesh)
     for step in range(steps):
         x, y = (jax.device_put(a, sharding) for a in sampler.batch(step))
         state, opt_state, _ = train_step(state, opt_state, x, y, np.int32(step), key_data)

@@ -3,14 +3,13 @@
 # Prepare: python prepare_digits.py       Look: python sample.py --rundir=RUN (writes a PNG)
 # Result: val loss 1.122 at step 1500, 4:09 wall on a 2-core x86_64 VM shared with other work
 # (2026-11-23); its samples are docs/digits_samples.png (README).
+from config import TrainConfig
 from model import GPTConfig
-from train import TrainConfig
 
 config = TrainConfig(
     data_dir="data/digits",
     model=GPTConfig(
         block_size=64,  # an image is 65 tokens: the label, then 64 pixels
-        vocab_size=26,  # 16 grey levels + 10 labels
         n_layer=4, n_head=4, n_embd=128,
         dropout=0.1,  # 1,617 training images: a few hundred steps see each many times
         compute_dtype="float32",  # CPUs have no fast bf16 matmul

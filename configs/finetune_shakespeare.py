@@ -3,8 +3,8 @@
 # The weights come from the Hugging Face hub (or a local directory: --init_from=PATH). The
 # model's shapes and architecture come from them; the settings below are the rest.
 # Result: not measured yet (needs a GPU; nanoGPT reports val ~1.0 after 20 iterations' best).
+from config import TrainConfig
 from model import GPTConfig
-from train import TrainConfig
 
 config = TrainConfig(
     data_dir="data/shakespeare",

@@ -1,8 +1,8 @@
 # GPT-2 small (124M) on OpenWebText, the nanoGPT reproduction: ~0.5M tokens per step.
 # Prepare: python prepare_openwebtext.py   (about 9B tokens; needs the `datasets` package)
 # Result: not measured yet (nanoGPT's reference reaches val ~2.85 after 600k steps on 8 A100s).
+from config import TrainConfig
 from model import GPTConfig
-from train import TrainConfig
 
 config = TrainConfig(
     data_dir="data/openwebtext",

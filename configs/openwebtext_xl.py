@@ -2,8 +2,8 @@
 # parameters and optimizer state are split over all devices, blocks recomputed in the backward.
 # Prepare: python prepare_openwebtext.py
 # Result: not measured yet.
+from config import TrainConfig
 from model import GPTConfig
-from train import TrainConfig
 
 config = TrainConfig(
     data_dir="data/openwebtext",

@@ -26,8 +26,8 @@ import data
 import export
 import launch
 import prepare_openwebtext
-import train
 from cli import UserError, run_cli
+from config import TrainConfig, with_data_vocab
 
 REPO = Path(__file__).resolve().parents[1]
 CHARS = "abcdefghij"
@@ -167,12 +167,14 @@ def test_a_second_training_in_a_run_directory_is_refused_naming_the_first(datase
 # ---------------------------------------------------------------- resuming
 
 
-def tiny_config(data_dir) -> train.TrainConfig:
-    return cli.apply_overrides(cli.load_config("shakespeare_char_cpu"),
-                                  [f"--data_dir={data_dir}", *TINY[1:]])
+def tiny_config(data_dir) -> TrainConfig:
+    """The config a run on data_dir resolves, its vocabulary the data's, as train.train does."""
+    config = cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig),
+                                 [f"--data_dir={data_dir}", *TINY[1:]])
+    return with_data_vocab(config, data.load_meta(data_dir))
 
 
-def fake_run(rundir: Path, config: train.TrainConfig, meta: dict) -> None:
+def fake_run(rundir: Path, config: TrainConfig, meta: dict) -> None:
     """A run directory's config.json as run_outputs writes it (no checkpoints needed)."""
     rundir.mkdir(parents=True)
     checkpoints.write_json_atomic(rundir / "config.json", {
@@ -192,11 +194,11 @@ def test_a_resume_on_other_data_or_with_a_setting_it_cannot_change_is_refused(da
     one_line_error(resume("--seed=7"), capsys, "seed=1337", "seed=7", "new --rundir")
     assert files_in(rundir) == before
     with pytest.raises(UserError, match="init_from"):
-        train.check_rundir(dataclasses.replace(tiny_config(dataset), init_from="gpt2"), rundir)
+        checkpoints.check_rundir(dataclasses.replace(tiny_config(dataset), init_from="gpt2"), rundir)
     # the same data elsewhere, and settings a resume may change, pass
     moved = make_dataset(tmp_path / "moved")
     config = dataclasses.replace(tiny_config(moved), learning_rate=5e-4, batch_size=16)
-    changes = train.check_rundir(config, rundir, data.load_meta(moved))
+    changes = checkpoints.check_rundir(config, rundir, data.load_meta(moved))
     assert changes == {"data_dir": (str(dataset), str(moved)), "learning_rate": (1e-3, 5e-4),
                        "batch_size": (8, 16)}
 

@@ -25,6 +25,7 @@ import prepare_shakespeare
 import train
 from cli import UserError, run_cli
 from conftest import SHARED
+from config import TrainConfig
 from model import GPT, GPTConfig, with_config
 from test_train import assert_one_line_error, run, scalars, tiny_config
 
@@ -205,7 +206,7 @@ def test_exact_match_is_measured_at_every_eval_interval_and_by_eval_py(tmp_path)
 
 def test_hellaswag_in_training_is_scored_at_each_eval(bpe_dir, tmp_path):
     model, _ = gpt2.load(str(TINY_GPT2))
-    config = train.TrainConfig(
+    config = TrainConfig(
         data_dir=str(bpe_dir), init_from=str(TINY_GPT2), hellaswag=str(FIXTURE),
         model=dataclasses.replace(model.config, compute_dtype="float32"), batch_size=4,
         max_steps=2, warmup_steps=1, eval_interval=1, eval_iters=1, log_interval=1,

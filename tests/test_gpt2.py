@@ -21,10 +21,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import checkpoints
 import gpt2
+import optim
 import train
 from cli import UserError
 from conftest import SHARED
+from config import TrainConfig
 from decode import generate
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, with_config
 
@@ -92,6 +95,28 @@ def test_save_then_load_is_bit_for_bit_and_names_as_transformers(loaded, tmp_pat
         np.testing.assert_array_equal(a, b)
 
 
+def test_export_refuses_whatever_gpt2s_layout_cannot_hold(loaded, tmp_path):
+    model, vocab = loaded
+    config = model.config
+    # how the weights are computed or trained is no part of the layout
+    assert gpt2.not_in_gpt2_layout(dataclasses.replace(
+        config, dropout=0.1, compute_dtype="bfloat16", remat=True, block_size=64)) == []
+    # a switch GPT2_ARCHITECTURE lists, one it does not, and a new one it has never heard of
+    assert gpt2.not_in_gpt2_layout(dataclasses.replace(config, qk_norm=True)) == ["qk_norm=True"]
+    assert gpt2.not_in_gpt2_layout(dataclasses.replace(config, rope_base=500.0)) == ["rope_base=500.0"]
+    with_switch = dataclasses.make_dataclass("WithSwitch", [("value_embeddings", bool, False)],
+                                             bases=(GPTConfig,), frozen=True)
+    assert gpt2.not_in_gpt2_layout(with_switch(**dataclasses.asdict(config))) == []
+    assert gpt2.not_in_gpt2_layout(with_switch(**dataclasses.asdict(config), value_embeddings=True)) \
+        == ["value_embeddings=True"]
+    # an array no GPT-2 tensor holds is refused by name, and nothing is written
+    untied = eqx.tree_at(lambda m: m.lm_head, model, jnp.zeros((config.n_embd, config.vocab_size)),
+                         is_leaf=lambda x: x is None)
+    with pytest.raises(UserError, match=r"no tensor for the model's \.lm_head"):
+        gpt2.save(untied, tmp_path / "out", vocab)
+    assert not (tmp_path / "out").exists()
+
+
 def test_openai_names_with_mask_buffers_and_an_explicit_tied_head_load(loaded, tmp_path):
     tensors = {k.removeprefix("transformer."): v for k, v in load_file(TINY_GPT2 / "model.safetensors").items()}
     tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 128, 128), np.float32))
@@ -156,14 +181,15 @@ def test_gpt2_architecture_decays_matrices_only_and_counts_flops_without_positio
     config = GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32,
                        **GPT2_ARCHITECTURE)
     model = eqx.filter_eval_shape(GPT, config, key=jr.key(0))
-    labels = train.optimizer_labels(train.TrainConfig())(model)
+    labels = optim.optimizer_labels(TrainConfig())(model)
     assert labels.blocks.attn.qkv.bias == labels.blocks.attn_norm.bias == "no_decay"
     assert labels.blocks.attn_norm.weight == labels.final_norm.bias == "no_decay"
     assert labels.blocks.attn.qkv.weight == labels.pos_embed == labels.embed == "decay"
     from model import flops_per_token, num_params
     n = num_params(model, non_embedding=True)
     assert n == num_params(model) - 128 * 32 - 64 * 32  # neither embedding is a matmul
-    assert flops_per_token(config) == 6 * (n + 128 * 32) + 12 * 2 * 32 * 64
+    # the matrices a token is multiplied by (not the biases and gains), the tied head among them
+    assert flops_per_token(config) == 6 * (2 * 12 * 32 * 32 + 128 * 32) + 12 * 2 * 32 * 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +230,7 @@ def test_fine_tune_from_gpt2_then_export_loads_back_bit_for_bit(tmp_path, shakes
     assert done.returncode == 0, done.stderr
     saved = json.loads((rundir / "config.json").read_text())["config"]
     assert saved["model"]["n_layer"] == 2 and saved["model"]["position_embedding"] == "learned"
-    _, tuned = train.load_model(rundir)
+    _, tuned = checkpoints.load_model(rundir)
     original, _ = gpt2.load(str(TINY_GPT2))
     for a, b in zip(arrays(original), arrays(tuned)):
         np.testing.assert_allclose(a, b, atol=1e-6)

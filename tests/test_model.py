@@ -225,18 +225,34 @@ def test_dropout_zeroes_at_its_rate_and_keeps_the_expectation(rate):
 
 
 def test_gpt2_small_parameter_count_and_flops_match_closed_form():
-    config = GPTConfig()  # GPT-2 124M shapes, vocab 50304, tied, QK-norm on
+    config = GPTConfig(vocab_size=50304)  # GPT-2 124M shapes, tied, QK-norm on
     V, d, L, T, hd = 50304, 768, 12, 1024, 64
     per_block = 12 * d * d + 2 * d + 2 * hd  # qkv, proj, fc, mlp proj; two norms; q/k norms
     non_embedding = L * per_block + d  # + final norm
     model = eqx.filter_eval_shape(GPT, config, key=jr.key(0))
     assert num_params(model) == V * d + non_embedding
     assert num_params(model, non_embedding=True) == non_embedding
-    assert flops_per_token(config) == 6 * (non_embedding + V * d) + 12 * L * d * T
+    # PaLM's 6N + 12LdT with N the matrices a token is multiplied by (the norm gains are not)
+    assert flops_per_token(config) == 6 * (L * 12 * d * d + V * d) + 12 * L * d * T
+
+
+def test_flops_per_token_counts_the_matmuls_the_model_does(monkeypatch):
+    import model as model_py
+
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=3, n_head=2, n_embd=32)
+    before = flops_per_token(config)
+    mlp = model_py.MLP.__call__
+    # a researcher's edit: one more (d, d) matmul in every MLP
+    monkeypatch.setattr(model_py.MLP, "__call__", lambda self, x: mlp(self, x) + x @ jnp.eye(32, dtype=x.dtype))
+    flops_per_token.cache_clear()
+    try:
+        assert flops_per_token(config) == before + 3 * config.n_layer * 2 * 32 * 32  # fwd + bwd
+    finally:
+        flops_per_token.cache_clear()
 
 
 def test_124m_forward_runs_on_cpu():
-    config = GPTConfig()
+    config = GPTConfig(vocab_size=50304)
     model = GPT(config, key=jr.key(0))
     tokens = random_tokens(jr.key(1), (64,), config.vocab_size)
     logits = jax.jit(lambda m, t: m(t))(model, tokens)
@@ -336,10 +352,10 @@ def test_attention_dropout_changes_the_forward_only_when_a_key_is_given():
 
 
 def test_explicit_attention_at_rate_zero_equals_the_fused_path():
-    from model import explicit_attention
+    from model import causal_mask, explicit_attention
 
     q, k, v = (jr.normal(jr.key(i), (9, 2, 8)) for i in range(3))
-    written_out = explicit_attention(q, k, v, 0.0, jr.key(5))
+    written_out = explicit_attention(q, k, v, causal_mask(jnp.arange(9), jnp.arange(9)), 0.0, jr.key(5))
     fused = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     np.testing.assert_allclose(written_out, fused, atol=1e-5)
 

@@ -17,7 +17,10 @@ import pytest
 
 import checkpoints
 import cli
+import optim
+import sharding
 import train
+from config import TrainConfig
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,14 +38,14 @@ def data_dir(tmp_path_factory, shakespeare_input) -> str:
     return str(out)
 
 
-def run_config(data_dir, *overrides) -> train.TrainConfig:
-    return cli.apply_overrides(cli.load_config("shakespeare_char_cpu"),
+def run_config(data_dir, *overrides) -> TrainConfig:
+    return cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig),
                                   [f"--data_dir={data_dir}", *TINY_RUN, *overrides])
 
 
-def labels_by_path(config: train.TrainConfig) -> dict[str, str]:
+def labels_by_path(config: TrainConfig) -> dict[str, str]:
     params = eqx.filter(GPT(config.model, key=jr.key(0)), eqx.is_array)
-    labels = train.optimizer_labels(config)(params)
+    labels = optim.optimizer_labels(config)(params)
     return {jax.tree_util.keystr(p): label for p, label in jax.tree_util.tree_leaves_with_path(labels)}
 
 
@@ -56,7 +59,7 @@ BLOCK_MATRICES = {".blocks.attn.qkv.weight", ".blocks.attn.proj.weight", ".block
 def test_labels_give_muon_the_block_matrices_and_adamw_the_rest(architecture, tied, optimizer):
     switches = GPT2_ARCHITECTURE if architecture == "gpt2" else {}
     model = dataclasses.replace(TINY, **{**switches, "tie_embeddings": tied})
-    labels = labels_by_path(train.TrainConfig(model=model, optimizer=optimizer))
+    labels = labels_by_path(TrainConfig(model=model, optimizer=optimizer))
     by_label = {name: {p for p, label in labels.items() if label == name}
                 for name in ("muon", "decay", "no_decay")}
     assert set(labels.values()) <= set(by_label)
@@ -84,7 +87,7 @@ def test_muon_orthogonalises_each_layer_on_its_own():
     layers, d = 2, 48
     grad = jr.normal(jr.key(0), (layers, 2 * d, d)) * jnp.array([100.0, 0.01])[:, None, None]
     params = {"blocks": {"w": jnp.zeros_like(grad)}}
-    muon = train.muon(train.TrainConfig(optimizer="muon"))
+    muon = optim.muon(TrainConfig(optimizer="muon"))
     updates, _ = muon.update({"blocks": {"w": grad}}, muon.init(params), params)
     for layer in range(layers):
         singular_values = np.linalg.svd(np.asarray(updates["blocks"]["w"][layer]), compute_uv=False)
@@ -94,7 +97,7 @@ def test_muon_orthogonalises_each_layer_on_its_own():
 
 def test_muon_scales_wide_matrices_by_the_root_of_their_aspect_ratio():
     d = 32
-    muon = train.muon(train.TrainConfig(optimizer="muon"))
+    muon = optim.muon(TrainConfig(optimizer="muon"))
     grads = {"wide": jr.normal(jr.key(0), (1, d, 4 * d)), "tall": jr.normal(jr.key(1), (1, 4 * d, d))}
     params = jax.tree.map(jnp.zeros_like, grads)
     updates, _ = muon.update(grads, muon.init(params), params)
@@ -104,14 +107,14 @@ def test_muon_scales_wide_matrices_by_the_root_of_their_aspect_ratio():
 
 def test_each_label_decays_by_its_own_peak_learning_rate():
     # Zero gradients: what remains of each update is the decoupled weight decay, -lr * wd * param.
-    config = train.TrainConfig(model=dataclasses.replace(TINY, tie_embeddings=False),
+    config = TrainConfig(model=dataclasses.replace(TINY, tie_embeddings=False),
                                optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.05,
                                weight_decay=0.1, warmup_steps=0, max_steps=10)
     params = eqx.filter(GPT(config.model, key=jr.key(0)), eqx.is_array)
-    optimizer = train.make_optimizer(config)
+    optimizer = optim.make_optimizer(config)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zeros, optimizer.init(params), params)
-    labels = train.optimizer_labels(config)(params)
+    labels = optim.optimizer_labels(config)(params)
     peak = {"muon": 0.05, "decay": 1e-3, "no_decay": 0.0}
     for label, update, param in zip(jax.tree.leaves(labels), jax.tree.leaves(updates),
                                     jax.tree.leaves(params)):
@@ -119,10 +122,10 @@ def test_each_label_decays_by_its_own_peak_learning_rate():
 
 
 def test_muon_takes_the_loss_down_on_a_fixed_batch():
-    config = train.TrainConfig(model=TINY, optimizer="muon", warmup_steps=0, max_steps=1000,
+    config = TrainConfig(model=TINY, optimizer="muon", warmup_steps=0, max_steps=1000,
                                learning_rate=3e-3, muon_learning_rate=0.05)
     model = GPT(config.model, key=jr.key(0))
-    optimizer = train.make_optimizer(config)
+    optimizer = optim.make_optimizer(config)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     tokens = jr.randint(jr.key(1), (4, 17), 0, 65)
 
@@ -142,23 +145,24 @@ def test_muon_takes_the_loss_down_on_a_fixed_batch():
 SHARDED_MUON = """
 import dataclasses, numpy as np, jax, equinox as eqx
 import sys; sys.path.insert(0, {repo!r})
-import train
+import sharding, train
+from config import TrainConfig
 from model import GPTConfig
 assert len(jax.devices()) == 8
-config = train.TrainConfig(model=GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4,
+config = TrainConfig(model=GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4,
                            n_embd=64, compute_dtype="float32"), batch_size=8, optimizer="muon",
                            warmup_steps=0, max_steps=10, fsdp_min_size=0)
 rng = np.random.default_rng(0)
 tokens = rng.integers(0, 64, (3, 1, 8, 17), dtype=np.int32)
 def train_3_steps(config):
-    mesh = train.make_mesh(config)
+    mesh = sharding.make_mesh(config)
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
     model = eqx.combine(params, static)
     step = train.make_train_step(config, optimizer, abstract_params)
-    sharding = train.batch_sharding(mesh)
+    rows = sharding.batch_sharding(mesh)
     for i in range(3):
-        x, y = (jax.device_put(a, sharding) for a in (tokens[i, :, :, :-1], tokens[i, :, :, 1:]))
+        x, y = (jax.device_put(a, rows) for a in (tokens[i, :, :, :-1], tokens[i, :, :, 1:]))
         model, opt_state, _ = step(model, opt_state, x, y, np.int32(i), np.zeros(2, np.uint32))
     return model, opt_state
 one, _ = train_3_steps(dataclasses.replace(config, fsdp=1))
@@ -233,7 +237,7 @@ BAD = [("--muon_learning_rate=-0.02", "muon_learning_rate"), ("--muon_learning_r
 @pytest.mark.parametrize("bad, field", BAD)
 def test_bad_optimizer_and_switch_values_are_refused_naming_the_field(bad, field):
     with pytest.raises(train.UserError, match=f"{field}="):
-        cli.apply_overrides(cli.load_config("shakespeare_char_cpu"), [bad])
+        cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig), [bad])
 
 
 @pytest.mark.slow
@@ -254,7 +258,7 @@ def test_muon_orthogonalises_q_k_and_v_apart():
     parts = [jr.normal(jr.key(i), (1, 2 * d, d)) * scale for i, scale in enumerate([100.0, 0.01, 0.01])]
     grad = {"blocks": {"qkv": {"w": jnp.concatenate(parts, axis=-1)}}}
     params = jax.tree.map(jnp.zeros_like, grad)
-    muon = train.muon(train.TrainConfig(optimizer="muon"))
+    muon = optim.muon(TrainConfig(optimizer="muon"))
     updates, _ = muon.update(grad, muon.init(params), params)
     assert updates["blocks"]["qkv"]["w"].shape == (1, 2 * d, 3 * d)
     for part in jnp.split(updates["blocks"]["qkv"]["w"][0], 3, axis=-1):

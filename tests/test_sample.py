@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 import checkpoints
+import evaluation
 import model as model_py
 from decode import generate, sample_token, top_k_filter, top_p_filter
-from model import GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, with_config
+from model import GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, loss_fn, with_config
 from sample import SEPARATOR, generate_samples, sample_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,9 +81,9 @@ def forward_by(path: str, model: GPT, tokens, monkeypatch):
     calls = []
     written_out = model_py.explicit_attention
 
-    def without_dropout(q, k, v, rate, key):
+    def without_dropout(q, k, v, mask, rate, key):
         calls.append(rate)
-        return written_out(q, k, v, 0.0, key)
+        return written_out(q, k, v, mask, 0.0, key)
 
     monkeypatch.setattr(model_py, "explicit_attention", without_dropout)
     config = dataclasses.replace(model.config, attn_dropout=0.5, attention="xla")
@@ -106,6 +107,20 @@ def test_cached_decoding_equals_full_forward_at_every_position(architecture, pat
     second, cache = extend_jit(model, tokens[half:], cache)
     assert int(cache.length) == config.block_size
     np.testing.assert_allclose(np.concatenate([first, second]), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=lambda changes: ",".join(
+    f"{k}={v}" for k, v in changes.items()) or "default")
+def test_evaluation_scores_the_model_that_training_trains(architecture):
+    """eval.py and HellaSwag score through the forward that training's loss runs: on one batch
+    (some targets ignored) the loss they sum is training's loss."""
+    config = dataclasses.replace(TINY, **architecture)
+    model = perturbed(GPT(config, key=jr.key(0)), jr.key(1))
+    tokens = jr.randint(jr.key(3), (4, config.block_size + 1), 0, config.vocab_size)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].at[0, :5].set(-1)
+    training = eqx.filter_jit(loss_fn)(model, inputs, targets)
+    sums, counts = evaluation.row_losses(model, inputs, targets, None)
+    np.testing.assert_allclose(float(sums.sum() / counts.sum()), float(training), rtol=1e-6)
 
 
 @pytest.mark.parametrize("prompt_len", [3, 20])  # 20 > block_size: the prompt is cut
@@ -231,8 +246,8 @@ def test_the_decode_benchmarks_naive_loop_samples_what_the_cache_samples(small_b
 def test_bench_decode_reports_cached_and_naive_tokens_per_s(capsys):
     import bench
 
-    bench.main(["--config=shakespeare_char_cpu", "--decode", "--max_new_tokens=8",
-                "--num_samples=2", "--model.n_layer=2", "--model.n_embd=64"])
+    bench.main(["--config=shakespeare_char_cpu", "--decode", "--max_new_tokens=8", "--num_samples=2",
+                "--model.n_layer=2", "--model.n_embd=64", "--model.vocab_size=65"])
     out = capsys.readouterr().out
     assert "2 x 8 new tokens" in out and "compute float32" in out, out
     measured = re.search(r"cached ([\d,.]+) tokens/s \| naive ([\d,.]+) tokens/s \| "
@@ -334,14 +349,17 @@ def test_missing_data_dir_is_a_clear_error(trained_run, tmp_path):
     assert "gone does not exist" in lines[0] and "data directory" in lines[0]
 
 
+SAMPLER = {"seed": 0, "step": 0}  # a batch sampler's state, as a checkpoint saves it
+
+
 def test_auto_checkpoint_is_the_best_when_one_has_a_val_loss(tmp_path):
     params = {"w": jnp.ones(3)}
     manager = checkpoints.checkpoint_manager(tmp_path, keep_last=5)
-    checkpoints.save_checkpoint(manager, 1, params, params, {"step": 1})  # no val loss: latest wins
+    checkpoints.save_checkpoint(manager, 1, params, params, SAMPLER, [0, 0])  # no val loss: latest
     manager.wait_until_finished()
     assert checkpoints.choose_step(tmp_path, "auto") == 1
     for step, val_loss in [(2, 3.0), (3, 1.0), (4, 2.0)]:
-        checkpoints.save_checkpoint(manager, step, params, params, {"step": step}, val_loss=val_loss)
+        checkpoints.save_checkpoint(manager, step, params, params, SAMPLER, [0, 0], val_loss)
     manager.wait_until_finished()
     assert checkpoints.choose_step(tmp_path, "auto") == 3
     assert checkpoints.choose_step(tmp_path, "latest") == 4

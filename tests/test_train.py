@@ -28,8 +28,12 @@ import optax
 import pytest
 
 import checkpoints
+import data
 import cli
+import optim
+import sharding
 import train
+from config import TrainConfig, with_data_vocab
 from model import flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,10 +70,11 @@ def launch_run(data_dir, rundir, *overrides, check=True, env=None):
     return run(args, env=env, check=check)
 
 
-def tiny_config(data_dir, **changes) -> train.TrainConfig:
-    config = cli.apply_overrides(cli.load_config("shakespeare_char_cpu"),
-                                    [f"--data_dir={data_dir}", *TINY_OVERRIDES])
-    return dataclasses.replace(config, **changes)
+def tiny_config(data_dir, **changes) -> TrainConfig:
+    """The tiny config on data_dir, its vocabulary the data's as train.train resolves it."""
+    config = cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig),
+                                 [f"--data_dir={data_dir}", *TINY_OVERRIDES])
+    return dataclasses.replace(with_data_vocab(config, data.load_meta(data_dir)), **changes)
 
 
 def params_of(model) -> list[np.ndarray]:
@@ -105,7 +110,7 @@ def assert_one_line_error(result, *words):
 def test_weight_decay_shrinks_only_matrices(data_dir):
     # With zero gradients AdamW's update is the decay alone: matrices shrink, norm gains do not.
     config = tiny_config(data_dir, weight_decay=0.5, warmup_steps=0, learning_rate=0.1)
-    mesh = train.make_mesh(config)
+    mesh = sharding.make_mesh(config)
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -117,10 +122,10 @@ def test_weight_decay_shrinks_only_matrices(data_dir):
 @pytest.mark.parametrize("lr_decay_steps", [60, 0])  # 0: the cosine ends at max_steps
 def test_learning_rate_schedule_at_chosen_steps(lr_decay_steps):
     peak, floor, warmup, max_steps = 1e-3, 1e-4, 10, 100
-    config = train.TrainConfig(learning_rate=peak, min_lr=floor, warmup_steps=warmup,
+    config = TrainConfig(learning_rate=peak, min_lr=floor, warmup_steps=warmup,
                                max_steps=max_steps, lr_decay_steps=lr_decay_steps)
     end = lr_decay_steps or max_steps
-    schedule = train.lr_schedule(config)
+    schedule = optim.lr_schedule(config)
 
     def cosine(step):  # from peak at the end of warmup down to min_lr at `end`
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (end - warmup)))
@@ -137,7 +142,7 @@ def test_learning_rate_schedule_at_chosen_steps(lr_decay_steps):
 def test_dropout_masks_change_with_the_step_and_repeat_on_a_rerun(data_dir):
     config = tiny_config(data_dir)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.3))
-    mesh = train.make_mesh(config)
+    mesh = sharding.make_mesh(config)
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     train_step = train.make_train_step(config, optimizer, abstract_params)
     tokens, targets = np.random.default_rng(0).integers(0, 65, (2, 1, 8, 32), dtype=np.int32)
@@ -156,7 +161,7 @@ def test_dropout_masks_change_with_the_step_and_repeat_on_a_rerun(data_dir):
 def test_grad_accumulation_4x16_equals_one_batch_of_64(data_dir):
     def one_step(batch_size, grad_accum, tokens, targets):
         config = tiny_config(data_dir, batch_size=batch_size, grad_accum=grad_accum)
-        mesh = train.make_mesh(config)
+        mesh = sharding.make_mesh(config)
         abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
         params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
         step = train.make_train_step(config, optimizer, abstract_params)
@@ -287,7 +292,7 @@ def test_launch_writes_checkpoints_events_and_config(data_dir, tmp_path):
     assert set(logged["eval/val_loss"]) == {10, 20}
     assert logged["train/loss"][20] < logged["train/loss"][1]  # it learns
     # each step's lr is the schedule's at that step (logged 1-based), read back as float32
-    schedule = train.lr_schedule(train.read_run_config(rundir))
+    schedule = optim.lr_schedule(checkpoints.read_run_config(rundir))
     np.testing.assert_allclose([logged["train/lr"][s] for s in range(1, 21)],
                                [float(schedule(s - 1)) for s in range(1, 21)], rtol=1e-6)
     assert (rundir / "log.txt").read_text().count("eval:") == 2
@@ -301,8 +306,8 @@ def test_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     result = launch_run(data_dir, tmp_path / "resumed", "--max_steps=8", *schedule)
     assert "resuming at step 4" in result.stdout
 
-    _, straight = train.load_model(tmp_path / "straight")
-    _, resumed = train.load_model(tmp_path / "resumed")
+    _, straight = checkpoints.load_model(tmp_path / "straight")
+    _, resumed = checkpoints.load_model(tmp_path / "resumed")
     for a, b in zip(params_of(straight), params_of(resumed)):
         np.testing.assert_array_equal(a, b)  # bitwise: same batches, same dropout keys
     losses = scalars(tmp_path / "resumed")["train/loss"]
@@ -319,7 +324,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data_dir, 
                         "--learning_rate=1e30", "--warmup_steps=0", "--grad_clip=0", check=False)
     assert_one_line_error(result, " is nan", "at step", "checkpoint (step 4) is kept")
     assert sorted(os.listdir(rundir / "checkpoints")) == before
-    train.load_model(rundir)  # the kept checkpoint still loads
+    checkpoints.load_model(rundir)  # the kept checkpoint still loads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +385,8 @@ SHARDED_RUNS = """
 import dataclasses, sys, numpy as np, jax, equinox as eqx
 sys.path.insert(0, {repo!r})
 import cli, train
-base = cli.apply_overrides(cli.load_config("shakespeare_char_cpu"), {overrides!r})
+from config import TrainConfig, with_data_vocab
+base = cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig), {overrides!r})
 base = dataclasses.replace(base, max_steps=3, eval_interval=3, fsdp_min_size=1024)
 results = {{}}
 for data_parallel, fsdp in [(1, 1), (2, 4), (1, 8)]:
@@ -442,8 +448,8 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
     assert "4 cpu devices" in outputs[0][0]
     assert "step" not in outputs[1][0]  # only process 0 logs (gloo prints its own lines)
 
-    _, single = train.load_model(tmp_path / "single")
-    _, multi = train.load_model(tmp_path / "multi")
+    _, single = checkpoints.load_model(tmp_path / "single")
+    _, multi = checkpoints.load_model(tmp_path / "multi")
     for a, b in zip(params_of(single), params_of(multi)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -457,11 +463,14 @@ def test_help_lists_every_field_with_its_default():
     assert "peak learning rate" in result.stdout  # the field's comment is its help
 
 
+SAMPLER = {"seed": 0, "step": 0}  # a batch sampler's state, as a checkpoint saves it
+
+
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     manager = checkpoints.checkpoint_manager(tmp_path, keep_last=2)
     params = {"w": jnp.ones(3)}
     for step, val_loss in enumerate([3.0, 1.0, 4.0, 5.0, 6.0], start=1):
-        checkpoints.save_checkpoint(manager, step, params, params, {"step": step}, val_loss=val_loss)
+        checkpoints.save_checkpoint(manager, step, params, params, SAMPLER, [0, 0], val_loss)
     manager.wait_until_finished()
     assert sorted(manager.all_steps()) == [2, 4, 5]  # best (val 1.0) plus the last two
     assert checkpoints.choose_step(tmp_path, "best") == 2
@@ -483,14 +492,16 @@ runpy.run_path("bench.py", run_name="__main__")
 
 @pytest.mark.slow
 def test_bench_reports_throughput_and_mfu_from_the_peak(tmp_path):
-    args = ["--config=shakespeare_char_cpu", "--steps=2", "--warmup=1", *TINY_OVERRIDES]
+    args = ["--config=shakespeare_char_cpu", "--steps=2", "--warmup=1", "--model.vocab_size=65",
+            *TINY_OVERRIDES]
     result = run(["-c", BENCH_WITH_PEAK.format(repo=str(REPO), args=args)],
                  env=FAKE_CPU_DEVICES(2), check=True)
     assert "devices 2 x" in result.stdout and "tokens from" in result.stdout  # where batches came from
     measured = re.search(r"([\d.]+) ms/step \| ([\d,]+) tokens/s \| MFU ([\d.]+)%", result.stdout)
     assert measured, result.stdout
     ms_per_step, tokens_per_s, mfu = (float(x.replace(",", "")) for x in measured.groups())
-    config = cli.apply_overrides(cli.load_config("shakespeare_char_cpu"), TINY_OVERRIDES)
+    config = cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig),
+                                 ["--model.vocab_size=65", *TINY_OVERRIDES])
     np.testing.assert_allclose(tokens_per_s, config.tokens_per_step / (ms_per_step / 1e3),
                                rtol=0.06 / ms_per_step)  # ms/step is printed to 0.1
     # MFU = achieved FLOP/s (6N + 12LdT per token, PaLM) over the peak of every device
@@ -505,7 +516,7 @@ def test_a_checkpoint_of_another_optimizer_is_named_and_kept_a_damaged_one_calle
     abstract_params = jax.eval_shape(lambda: params)
     adam = optax.adam(1e-3)
     manager = checkpoints.checkpoint_manager(tmp_path, keep_last=2)
-    checkpoints.save_checkpoint(manager, 1, params, adam.init(params), {"step": 1})
+    checkpoints.save_checkpoint(manager, 1, params, adam.init(params), SAMPLER, [0, 0])
     manager.wait_until_finished()
     manager.close()
     reader = checkpoints.checkpoint_manager(tmp_path)
@@ -538,11 +549,11 @@ def test_a_resume_may_change_how_the_model_is_computed_not_what(data_dir, tmp_pa
     for how in (dict(unroll_layers=not config.model.unroll_layers), dict(remat=False),
                 dict(attention="xla")):
         changed = dataclasses.replace(config, model=dataclasses.replace(config.model, **how))
-        train.check_rundir(changed, tmp_path)  # accepted
+        checkpoints.check_rundir(changed, tmp_path)  # accepted
     for what in (dict(n_layer=3), dict(attn_dropout=0.1)):
         changed = dataclasses.replace(config, model=dataclasses.replace(config.model, **what))
         with pytest.raises(train.UserError, match=f"model.{next(iter(what))} differ"):
-            train.check_rundir(changed, tmp_path)
+            checkpoints.check_rundir(changed, tmp_path)
 
 
 def test_deterministic_switch_sets_xla_flag_before_the_backend_starts(tmp_path):
@@ -567,11 +578,11 @@ BAD_VALUES = [("--learning_rate=-1", "learning_rate"), ("--model.dropout=1.5", "
 @pytest.mark.parametrize("bad, field", BAD_VALUES)
 def test_values_that_cannot_be_right_are_refused_naming_the_field(bad, field):
     with pytest.raises(train.UserError, match=f"{field}="):
-        cli.apply_overrides(cli.load_config("shakespeare_char_cpu"), [bad])
+        cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig), [bad])
 
 
 def test_relations_are_checked_on_the_final_values_whatever_the_order():
-    config = cli.load_config("shakespeare_char_cpu")  # learning_rate=1e-3
+    config = cli.load_config("shakespeare_char_cpu", TrainConfig)  # learning_rate=1e-3
     # min_lr=0.002 alone would exceed the peak; with the new peak it does not
     higher = cli.apply_overrides(config, ["--min_lr=0.002", "--learning_rate=0.01"])
     assert (higher.min_lr, higher.learning_rate) == (0.002, 0.01)
@@ -605,8 +616,8 @@ def run_until(process: subprocess.Popen, marker: str, then) -> tuple[str, str]:
 
 
 def assert_same_parameters(rundir_a, rundir_b):
-    _, a = train.load_model(rundir_a)
-    _, b = train.load_model(rundir_b)
+    _, a = checkpoints.load_model(rundir_a)
+    _, b = checkpoints.load_model(rundir_b)
     for x, y in zip(params_of(a), params_of(b)):
         np.testing.assert_array_equal(x, y)
 
@@ -734,7 +745,7 @@ def test_incomplete_checkpoints_are_set_aside_and_the_newest_complete_one_is_use
     manager = checkpoints.checkpoint_manager(tmp_path, keep_last=5)
     params = {"w": jnp.ones(3)}
     for step in (1, 2, 3):
-        checkpoints.save_checkpoint(manager, step, params, params, {"step": step})
+        checkpoints.save_checkpoint(manager, step, params, params, SAMPLER, [0, 0])
     manager.wait_until_finished()
     manager.close()
     directory = tmp_path / "checkpoints"
@@ -765,6 +776,28 @@ def test_plot_run_reads_every_logged_scalar_and_says_when_matplotlib_is_missing(
               f"sys.argv = ['plot_run.py', '--rundir={tmp_path}']; "
               "runpy.run_path('plot_run.py', run_name='__main__')")
     assert_one_line_error(run(["-c", script]), "pip install matplotlib")
+
+
+def test_a_config_that_leaves_vocab_size_unset_takes_the_datas_and_logs_it(tmp_path):
+    chars = "abcdefghijkl"  # another character corpus than the config's: 12 characters, not 65
+    rng = np.random.default_rng(0)
+    data.write_dataset(tmp_path / "data", rng.integers(0, 12, 2000), rng.integers(0, 12, 500),
+                       {"tokenizer": "char", "chars": chars, "vocab_size": 12, "source": "test"})
+    config = cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig),
+                                 [f"--data_dir={tmp_path / 'data'}", *TINY_OVERRIDES,
+                                  "--max_steps=2", "--eval_interval=2"])
+    assert config.model.vocab_size == 0  # the character configs leave it unset
+    model = train.train(config, tmp_path / "run")
+    assert model.embed.shape[0] == 12
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert f"model.vocab_size=12: the data's (from {tmp_path / 'data' / 'meta.json'}, char tokens)" in log
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert saved["model"]["vocab_size"] == 12  # resolved: a resume and sample.py read it back
+    # a value the config sets is kept and still checked against the data
+    too_small = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=8))
+    with pytest.raises(train.UserError, match="smaller than the data's vocabulary"):
+        train.train(too_small, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_short_run_is_never_refused_for_its_warmup_and_says_so(data_dir, tmp_path):

@@ -1,0 +1,107 @@
+"""The optimizer: which array gets which update (labels), the learning-rate schedule, Muon and
+its view of q, k and v, and make_optimizer, which chains them. "Change the optimizer" is this file,
+as "change the model" is model.py; train.py only calls make_optimizer and lr_schedule.
+
+AdamW everywhere by default, decay on matrices only; with optimizer="muon", the blocks' matrices
+take Muon (Jordan et al. 2024) and the rest AdamW, all under one warmup + cosine schedule.
+"""
+
+import math
+
+import jax
+import optax
+
+from config import TrainConfig
+from model import in_block_stack, names_on
+
+
+def optimizer_labels(config: TrainConfig):
+    """A function of the params: 'muon' for the blocks' matrices when config.optimizer is "muon",
+    'decay' for every other matrix (ndim >= 2 in the unstacked model), 'no_decay' for norm gains
+    and biases. A GPT is itself callable, so optax needs a function here, not a tree."""
+
+    def label(path, leaf):
+        if leaf.ndim - in_block_stack(path) < 2:
+            return "no_decay"
+        return "muon" if config.optimizer == "muon" and in_block_stack(path) else "decay"
+
+    return lambda params: jax.tree_util.tree_map_with_path(label, params)
+
+
+def lr_schedule(config: TrainConfig) -> optax.Schedule:
+    decay_steps = config.lr_decay_steps or config.max_steps
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(decay_steps, config.warmup_steps + 1),
+        end_value=config.min_lr,
+    )
+
+
+def muon(config: TrainConfig) -> optax.GradientTransformation:
+    """Muon (Jordan et al. 2024): Nesterov momentum, orthogonalised by Newton-Schulz, per layer.
+
+    Each leaf is (n_layer, d_in, d_out): the layer axis is a batch axis, so every layer's matrix
+    is orthogonalised on its own, and q, k and v each on their own (split_qkv). Updates are
+    scaled by sqrt(max(1, d_out/d_in)), as Muon's reference does, so wide and tall matrices take
+    comparable steps.
+    """
+    per_layer = lambda updates: jax.tree.map(  # noqa: E731
+        lambda _: optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2), updates)
+    by_shape = lambda updates, params=None: jax.tree.map(  # noqa: E731
+        lambda u: u * math.sqrt(max(1.0, u.shape[-1] / u.shape[-2])), updates)
+    return split_qkv(optax.chain(
+        optax.contrib.scale_by_muon(beta=config.muon_momentum, ns_steps=config.muon_ns_steps,
+                                    nesterov=True, weight_dimension_numbers=per_layer),
+        optax.stateless(by_shape),
+    ))
+
+
+def split_qkv(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """inner sees each fused (layer, d, 3d) qkv array as (3 * layer, d, d): q, k and v apart.
+    They are three maps, not one: orthogonalised apart they train to a lower loss on both corpora
+    and seeds (BENCHMARKS.md "Muon")."""
+
+    def apart(path, a):
+        if "qkv" not in names_on(path):
+            return a
+        layers, d_in, d_out = a.shape
+        return a.reshape(layers, d_in, 3, d_out // 3).swapaxes(1, 2).reshape(-1, d_in, d_out // 3)
+
+    def fused(path, a, like):
+        if "qkv" not in names_on(path):
+            return a
+        layers, d_in, d_out = like.shape
+        return a.reshape(layers, 3, d_in, d_out // 3).swapaxes(1, 2).reshape(like.shape)
+
+    view = lambda tree: jax.tree_util.tree_map_with_path(apart, tree)  # noqa: E731
+
+    def update(updates, state, params=None):
+        new, state = inner.update(view(updates), state, None if params is None else view(params))
+        return jax.tree_util.tree_map_with_path(fused, new, updates), state
+
+    return optax.GradientTransformation(lambda params: inner.init(view(params)), update)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """clip -> per label: Adam (or Muon) and decoupled weight decay -> scale by the scheduled lr.
+
+    One schedule for all: Muon's peak lr enters as its ratio to AdamW's, so both follow the same
+    warmup and cosine, and weight decay is weight_decay * lr(t) of each one's own lr.
+    """
+    # Independent decay (Wortsman et al. 2023, "Small-scale proxies") wants weight_decay *
+    # lr(t)/peak instead of weight_decay * lr(t): a constant divided by the peak.
+    adam_decay = muon_decay = config.weight_decay
+    if config.independent_weight_decay:
+        adam_decay = config.weight_decay / config.learning_rate
+        muon_decay = config.weight_decay / config.muon_learning_rate
+    adam = optax.scale_by_adam(b1=config.beta1, b2=config.beta2)
+    transforms = {"decay": optax.chain(adam, optax.add_decayed_weights(adam_decay)),
+                  "no_decay": adam}
+    if config.optimizer == "muon":
+        transforms["muon"] = optax.chain(muon(config), optax.add_decayed_weights(muon_decay),
+                                         optax.scale(config.muon_learning_rate / config.learning_rate))
+    clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
+    by_label = optax.multi_transform(transforms, optimizer_labels(config))
+    return optax.chain(clip, by_label, optax.scale_by_learning_rate(lr_schedule(config)))

@@ -1,0 +1,46 @@
+"""The house rules a test can check: no import circle among the modules (not even through an
+import inside a function), and no script importing another script."""
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = {path.stem: path for path in REPO.glob("*.py")}
+
+
+def imports_of(path: Path) -> set[str]:
+    """The repo's modules that path imports, wherever in the file the import is."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return (names & MODULES.keys()) - {path.stem}
+
+
+def is_script(path: Path) -> bool:
+    return 'if __name__ == "__main__":' in path.read_text()
+
+
+def test_no_module_imports_itself_through_others():
+    graph = {name: imports_of(path) for name, path in MODULES.items()}
+
+    def circle_from(start, name, trail):
+        for imported in graph[name]:
+            if imported == start:
+                return trail + [imported]
+            if imported not in trail:
+                if found := circle_from(start, imported, trail + [imported]):
+                    return found
+        return None
+
+    circles = [found for name in graph if (found := circle_from(name, name, [name]))]
+    assert not circles, f"import circles: {circles}"
+
+
+def test_no_script_imports_a_script():
+    scripts = {name for name, path in MODULES.items() if is_script(path)}
+    assert {"launch", "sample", "eval", "bench", "export"} <= scripts
+    offenders = {name: imports_of(MODULES[name]) & scripts for name in MODULES}
+    assert not {name: found for name, found in offenders.items() if found}
