@@ -10,7 +10,7 @@ and the trained model it gives to sample.py, eval.py and export.py.
 A checkpoint is written whole or not at all (orbax renames a step's directory once complete);
 after a crash, a half-written one is set aside, never deleted. A full disk, a damaged step or a
 checkpoint of other settings is one UserError line. train.py saves and restores through this
-module, and stops to save one when the machine is about to go away (preemption_notice);
+module, and stops to save one when the machine is about to go away (stop_signals);
 sample.py, eval.py and export.py pick a checkpoint with choose_step and load it with load_model,
 without the training code.
 """
@@ -26,12 +26,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -59,8 +61,12 @@ def git_commit() -> str:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Written to a temporary file and renamed: a crash leaves the old file or the new one."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_bytes_atomic(path: Path, content: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_bytes(content)
     os.replace(tmp, path)
 
 
@@ -68,9 +74,11 @@ def write_json_atomic(path: Path, obj) -> None:
 # config.json: what the run is, and what a resume may change
 
 
-def write_run_config(rundir: Path, config: TrainConfig, meta: dict, start: int, changes: dict):
-    """config.json: the resolved config, the code's commit, the hashes of the data it trains on,
-    and the history of resumes that changed settings ({step, time, changes}), this one's added."""
+def write_run_config(rundir: Path, config: TrainConfig, meta: dict, data_files: dict, start: int,
+                     changes: dict):
+    """config.json: the resolved config, the code's commit, what the run trains on (the data's
+    hashes and tokenizer, each file's size and modification time as this start read it), and the
+    history of resumes that changed settings ({step, time, changes}), this one's added."""
     path = rundir / "config.json"
     history = json.loads(path.read_text()).get("history", []) if path.exists() else []
     if changes:
@@ -80,9 +88,22 @@ def write_run_config(rundir: Path, config: TrainConfig, meta: dict, start: int, 
     write_json_atomic(path, {
         "config": dataclasses.asdict(config), "git_commit": git_commit(),
         "data": {"dir": config.data_dir, "train_sha256": meta.get("train_sha256"),
-                 "val_sha256": meta.get("val_sha256")},
+                 "val_sha256": meta.get("val_sha256"), "files": data_files,
+                 **{key: meta[key] for key in data.TOKENIZER_KEYS if key in meta}},
         "history": history,
     })
+
+
+def run_tokenizer(rundir: Path) -> dict | None:
+    """What the run's token ids mean (data.tokenizer_of), as config.json recorded it, else as its
+    data directory says now (a run from before config.json held it); None when neither can."""
+    recorded = json.loads((Path(rundir) / "config.json").read_text()).get("data") or {}
+    if "tokenizer" in recorded:
+        return data.tokenizer_of(recorded)
+    try:
+        return data.tokenizer_of(data.load_meta(read_run_config(rundir).data_dir))
+    except UserError:
+        return None
 
 
 def read_run_config(rundir: Path) -> TrainConfig:
@@ -108,9 +129,11 @@ REFUSED_ON_RESUME = {
 MODEL_MAY_CHANGE_ON_RESUME = ("attention", "remat", "unroll_layers")
 
 
-def check_rundir(config: TrainConfig, rundir: Path, meta: dict | None = None) -> dict:
+def check_rundir(config: TrainConfig, rundir: Path, meta: dict | None = None,
+                 data_files: dict | None = None) -> dict:
     """Refuses a run directory that config cannot run in, before anything is written into it:
-    a file, another model, other data (meta), a setting a resume cannot change. Returns the
+    a file, another model, other data (meta, and data_files: a .bin rewritten since the run
+    last read it, though meta.json was not), a setting a resume cannot change. Returns the
     settings a resume changes, {name: (old, new)}."""
     if rundir.exists() and not rundir.is_dir():
         raise UserError(f"--rundir={rundir} is a file, not a run directory: pass a directory")
@@ -134,6 +157,16 @@ def check_rundir(config: TrainConfig, rundir: Path, meta: dict | None = None) ->
             raise UserError(f"{config.data_dir} holds other data than the run in {rundir} was "
                             f"trained on ({split}.bin's sha256 differs from its config.json): the "
                             "token ids would mean other tokens; start a new --rundir")
+    read_before = recorded.get("files", {}) if isinstance(recorded, dict) else {}
+    for split, stamp in (data_files or {}).items():  # cheap: size and time first, the hash if moved
+        was, sha256 = read_before.get(split), recorded.get(f"{split}_sha256")
+        if was and list(was) != list(stamp) and sha256:
+            path = Path(config.data_dir) / f"{split}.bin"
+            if data.sha256_file(path) != sha256:
+                raise UserError(f"{path} was rewritten since the run in {rundir} last read it (its "
+                                "sha256 differs from config.json's, though meta.json did not "
+                                "change): restore it, or prepare the data again and start a new "
+                                "--rundir")
     old = {**dataclasses.asdict(previous), **flat_model(previous)}
     new = {**dataclasses.asdict(config), **flat_model(config)}
     changes = {name: (old.get(name), value) for name, value in new.items()
@@ -265,7 +298,7 @@ def save_checkpoint(manager, step: int, params, opt_state, sampler_state: dict, 
                  "val_loss": val_loss}
     # A save that runs out of space fails inside orbax's threads, which print a traceback per
     # write still pending: refuse before writing when the free space cannot hold the checkpoint.
-    manager.wait_until_finished()  # the last save is on disk, so the free space is exact
+    seal(manager)  # the last save is on disk and checksummed, so the free space is exact
     needed = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves((params, opt_state)))
     free = shutil.disk_usage(manager.directory).free
     if free < needed:
@@ -282,9 +315,15 @@ def save_checkpoint(manager, step: int, params, opt_state, sampler_state: dict, 
     manager.save(step, args=args, metrics=None if val_loss is None else {"val_loss": val_loss})
 
 
+class Damaged(Exception):
+    """A checkpoint whose files cannot be what was saved: a checksum that differs, an item orbax
+    cannot read although its layout is this run's, a run_state without its fields."""
+
+
 def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
     """(params, opt_state or None, run_state) at step, each array placed on its own shard.
-    run_state: {"sampler": the batch sampler's state, "key": the dropout key's data (uint32)}."""
+    run_state: {"sampler": the batch sampler's state, "key": the dropout key's data (uint32)}.
+    Raises Damaged, or a UserError for a healthy checkpoint of another layout."""
     items = {"params": ocp.args.StandardRestore(abstract_params),
              "run_state": ocp.args.JsonRestore()}
     if abstract_opt is not None:
@@ -292,19 +331,27 @@ def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many kinds: a healthy checkpoint of another layout, or
-        # a damaged one. Only the second may be deleted, so tell them apart by the saved layout.
+        # a damaged one. Only the second is set aside, so tell them apart by the saved layout.
         abstract = {"params": abstract_params, "opt_state": abstract_opt}
         for item, what in (("opt_state", "optimizer state"), ("params", "parameters")):
             if abstract[item] is not None:
                 check_saved_layout(manager, step, item, what, abstract[item])
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"checkpoint {step} in {manager.directory} cannot be read, it is damaged "
-                        f"({reason}): delete that step's directory to fall back to an earlier one"
-                        ) from None
+        raise Damaged(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
     opt_state = restored.opt_state if abstract_opt is not None else None
-    run_state = {"sampler": restored.run_state["sampler"],
-                 "key": np.asarray(restored.run_state["key"], np.uint32)}
-    return restored.params, opt_state, run_state
+    return restored.params, opt_state, read_run_state(restored.run_state)
+
+
+def read_run_state(saved) -> dict:
+    """The run_state a checkpoint saved, checked: the sampler's seed and step, and the key's two
+    32-bit words. A field missing or of another type raises Damaged naming it."""
+    sampler = saved.get("sampler") if isinstance(saved, dict) else None
+    key = saved.get("key") if isinstance(saved, dict) else None
+    is_count = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
+    if not (isinstance(sampler, dict) and is_count(sampler.get("seed")) and is_count(sampler.get("step"))):
+        raise Damaged("its run_state has no batch sampler position (sampler.seed, sampler.step)")
+    if not (isinstance(key, list) and len(key) == 2 and all(is_count(k) and k < 2**32 for k in key)):
+        raise Damaged("its run_state has no dropout key (two 32-bit words)")
+    return {"sampler": sampler, "key": np.asarray(key, np.uint32)}
 
 
 def check_saved_layout(manager, step, item: str, what: str, abstract) -> None:
@@ -342,78 +389,228 @@ def open_checkpoints(rundir: Path, keep_last: int) -> tuple[ocp.CheckpointManage
 
 
 @contextlib.contextmanager
-def preemption_notice(manager):
-    """Yields stop_requested(step): "SIGTERM" or "SIGINT" once the run should save and stop.
+def stop_signals():
+    """Yields stop_requested(step, manager): None, or "SIGINT", "SIGTERM" or "SIGHUP" once the run
+    should save and stop.
 
-    SIGTERM is what SLURM, Kubernetes and spot machines send before they take a machine. With
-    one process, a handler notes it and the loop stops after the step in flight. With several,
-    JAX's preemption service (started by jax.distributed) receives it, and orbax's
-    reached_preemption(step) turns True on every host at the same step, so all save that step.
+    SIGTERM is what SLURM, Kubernetes and spot machines send before they take a machine, SIGHUP
+    what a closed terminal or ssh session sends; Ctrl-C is SIGINT. None of them is raised inside
+    the program: a step (whose inputs are donated), a compilation or a save is never cut, and a
+    second Ctrl-C says that the save is under way. With several processes, JAX's preemption
+    service (started by jax.distributed) receives SIGTERM (SIGHUP is passed on to it as one), and
+    orbax's reached_preemption(step) turns True on every host at the same step, so all save it.
     """
-    received, interrupted = threading.Event(), threading.Event()
-    main_thread = threading.current_thread() is threading.main_thread()
-    own_handler = jax.process_count() == 1 and main_thread
-    if own_handler:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
-    if main_thread:
-        # Ctrl-C is noted too, not raised inside a step whose inputs are donated (they could not
-        # be saved); a second Ctrl-C stops at once.
-        def on_ctrl_c(signum, frame):
-            interrupted.set()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+    noted = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread
+        yield lambda step, manager: None
+        return
+    own_sigterm = jax.process_count() == 1
 
-        previous_int = signal.signal(signal.SIGINT, on_ctrl_c)
+    def note(signum, frame):
+        name = signal.Signals(signum).name
+        if name == "SIGHUP" and not own_sigterm:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service, which syncs hosts
+        if noted and name == "SIGINT":
+            print("Ctrl-C again: saving the step in flight first, then stopping (kill -9 stops at "
+                  "once, without saving)", file=sys.stderr, flush=True)
+        noted.append(name)
 
-    def stop_requested(step: int) -> str | None:
-        if interrupted.is_set():
-            return "SIGINT"
-        if received.is_set():
-            return "SIGTERM"
+    caught = (signal.SIGINT, signal.SIGHUP) + ((signal.SIGTERM,) if own_sigterm else ())
+    previous = {signum: signal.signal(signum, note) for signum in caught}
+
+    def stop_requested(step: int, manager) -> str | None:
+        if noted:
+            return "SIGINT" if "SIGINT" in noted else noted[0]
         preempted = manager is not None and jax.process_count() > 1 and manager.reached_preemption(step)
         return "SIGTERM" if preempted else None
 
     try:
         yield stop_requested
     finally:
-        if own_handler:
-            signal.signal(signal.SIGTERM, previous)
-        if main_thread:
-            signal.signal(signal.SIGINT, previous_int)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def choose_step(rundir: Path, which: str | int = "auto") -> int:
-    """The checkpoint to load, among those on disk: "latest", "best" (lowest val loss), a step
-    number, or "auto": the best when any checkpoint has a val loss (nanoGPT keeps only its best),
-    else the latest."""
+@contextlib.contextmanager
+def as_found_unless_trained(rundir: Path):
+    """Yields trained(): call it once a step is done. Until then a Ctrl-C (KeyboardInterrupt)
+    leaves rundir as it found it: a new run directory is removed, an existing one gets back its
+    config.json and log.txt as they were and loses the files this start added (process 0)."""
+    existed = rundir.exists()
+    entries = set(os.listdir(rundir)) if existed else set()
+    config_before = (rundir / "config.json").read_bytes() if (rundir / "config.json").exists() else None
+    log_size = (rundir / "log.txt").stat().st_size if (rundir / "log.txt").exists() else None
+    started = []
+    try:
+        yield lambda: started.append(True)
+    except KeyboardInterrupt:
+        if not started and jax.process_index() == 0 and rundir.exists():
+            if not existed:
+                shutil.rmtree(rundir)
+            else:
+                for name in set(os.listdir(rundir)) - entries - {"incomplete_checkpoints",
+                                                                   "damaged_checkpoints"}:
+                    path = rundir / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if config_before is not None:
+                    write_bytes_atomic(rundir / "config.json", config_before)
+                if log_size is not None:
+                    os.truncate(rundir / "log.txt", log_size)
+        raise
+
+
+def candidate_steps(rundir: Path, which: str | int = "auto") -> list[int]:
+    """The checkpoints to load, in the order to try them: "latest" (newest first), "best" (lowest
+    val loss first), a step number (that one only), or "auto": best when any checkpoint has a val
+    loss (nanoGPT keeps only its best), else latest."""
     if not (Path(rundir) / "checkpoints").is_dir():
         raise UserError(f"{rundir} has no checkpoints yet: train first (or check --rundir)")
     manager = checkpoint_manager(Path(rundir))
     steps = manager.all_steps()
     if not steps:
         raise UserError(f"no checkpoints in {manager.directory}: train first")
-    scored = [(m["val_loss"], s) for s in steps if (m := manager.metrics(s))]
+    scored = sorted((m["val_loss"], s) for s in steps if (m := manager.metrics(s)))
     which = str(which)
     if which == "auto":
         which = "best" if scored else "latest"
     if which == "latest":
-        return max(steps)
+        return sorted(steps, reverse=True)
     if which == "best":
         if not scored:
             raise UserError("no checkpoint has a val loss yet: use --checkpoint=latest")
-        return min(scored)[1]
+        return [step for _, step in scored]
     if not which.isdigit() or int(which) not in steps:
         raise UserError(f"--checkpoint={which}: use auto, latest, best or one of {sorted(steps)}")
-    return int(which)
+    return [int(which)]
 
 
-def load_model(rundir, which: int | str = "latest") -> tuple[TrainConfig, GPT]:
-    """The trained model of a run (parameters only, no optimizer state) with its config, on the
-    devices present: whatever they are now (a run trained on 8 GPUs samples on 1 CPU), FSDP over
-    all of them. which: a step the caller chose with choose_step, or a name choose_step takes."""
+def choose_step(rundir: Path, which: str | int = "auto") -> int:
+    """The checkpoint `which` names first (candidate_steps), before any is read."""
+    return candidate_steps(rundir, which)[0]
+
+
+def load_model(rundir, which: int | str = "auto", note=lambda line: None) -> tuple[TrainConfig, GPT, int]:
+    """(config, model, step): the trained model of a run (parameters only) from the first intact
+    checkpoint `which` names (candidate_steps), on the devices present, FSDP over all of them (a
+    run trained on 8 GPUs samples on 1 CPU). A damaged or non-finite checkpoint, or one a running
+    training rotates away meanwhile, is skipped and named through note(line); asked for by its
+    step number, it is one UserError line."""
     rundir = Path(rundir)
     config = read_run_config(rundir)
-    step = which if isinstance(which, int) else choose_step(rundir, which)
     config = dataclasses.replace(config, data_parallel=1, fsdp=-1, batch_size=jax.device_count())
     abstract_params, static = abstract_model(config.model, make_mesh(config), config.fsdp_min_size)
-    params, _, _ = restore_checkpoint(checkpoint_manager(rundir), step, abstract_params)
-    return config, eqx.combine(params, static)
+    explicit = isinstance(which, int) or str(which).isdigit()
+    skipped = []
+    for step in candidate_steps(rundir, which):
+        problem = None
+        if not (rundir / "checkpoints" / str(step)).is_dir():
+            problem = "rotated away by the training running there while this loaded: not damaged"
+        problem = problem or verify(rundir / "checkpoints" / str(step), items=("params",))
+        if problem is None:
+            try:
+                params, _, _ = restore_checkpoint(checkpoint_manager(rundir), step, abstract_params)
+                problem = None if all_finite(params) else NOT_FINITE
+            except Damaged as e:
+                problem = f"damaged: {e}"
+                if not (rundir / "checkpoints" / str(step)).is_dir():
+                    problem = "rotated away by the training running there while this loaded: not damaged"
+        if problem is None:
+            return config, eqx.combine(params, static), step
+        if explicit:
+            raise UserError(f"checkpoint {step} in {rundir} cannot be used ({problem}): pass "
+                            "another --checkpoint (latest, best or a step number)")
+        note(f"checkpoint {step} skipped ({problem})")
+        skipped.append(step)
+    raise UserError(f"no checkpoint of {rundir} can be used: {', '.join(map(str, skipped))} were "
+                    "skipped (above); train again, or see the run's damaged_checkpoints/")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums: every checkpoint carries one, every reader checks it
+
+
+CHECKSUMS = "checksums.json"  # in a step's directory: the sha256 of each of its files
+NOT_FINITE = "its weights are not finite: the run had diverged when it was saved"
+
+
+def file_digests(step_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(step_dir)): data.sha256_file(p) for p in sorted(step_dir.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS}
+
+
+def seal(manager) -> None:
+    """Waits until the last save is on disk, then writes the checksums of every step that has
+    none yet (by process 0: orbax has committed a step's files on every host by then)."""
+    manager.wait_until_finished()
+    if jax.process_index() != 0:
+        return
+    for step in manager.all_steps():
+        step_dir = Path(manager.directory) / str(step)
+        if step_dir.is_dir() and not (step_dir / CHECKSUMS).exists():
+            write_json_atomic(step_dir / CHECKSUMS, file_digests(step_dir))
+
+
+def verify(step_dir: Path, items: tuple[str, ...] | None = None) -> str | None:
+    """What differs between a step's files and its checksums ("damaged: ..."), or None. items: read
+    only those item directories (and the step's own files). A step without checksums (saved before
+    they were written, or by a run killed in the instant between the two) has none to check."""
+    path = step_dir / CHECKSUMS
+    if not path.exists():
+        return None
+    try:
+        expected = json.loads(path.read_text())
+        assert isinstance(expected, dict)
+    except (OSError, ValueError, AssertionError):
+        return f"damaged: its {CHECKSUMS} cannot be read"
+    for name, digest in expected.items():
+        if items is not None and "/" in name and name.split("/")[0] not in items:
+            continue
+        file = step_dir / name
+        if not file.is_file():
+            return f"damaged: {name} is missing"
+        if data.sha256_file(file) != digest:
+            return f"damaged: {name} does not match its checksum"
+    return None
+
+
+def all_finite(params) -> bool:
+    leaves = [a for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+
+
+def set_aside(rundir: Path, step: int, why: str) -> Path:
+    """Moves a step's directory into rundir/damaged_checkpoints/ with why.txt beside its files;
+    nothing is deleted. Process 0 moves; every process then waits for it."""
+    aside = rundir / "damaged_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+        aside.parent.mkdir(exist_ok=True)
+        os.replace(rundir / "checkpoints" / str(step), aside)
+        (aside / "why.txt").write_text(why + "\n")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+    return aside
+
+
+def restore_newest_intact(manager, rundir: Path, abstract_params, abstract_opt):
+    """(step, params, opt_state, run_state, notes) from the newest checkpoint whose checksums,
+    run state and weights are sound, or step None when there is no checkpoint. Each one that is
+    not is set aside (damaged_checkpoints/) and named in notes; when none is left, UserError."""
+    notes = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        problem = verify(Path(manager.directory) / str(step))
+        if problem is None:
+            try:
+                params, opt_state, run_state = restore_checkpoint(manager, step, abstract_params,
+                                                                  abstract_opt)
+                if all_finite(params):
+                    return step, params, opt_state, run_state, notes
+                problem = NOT_FINITE
+            except Damaged as e:
+                problem = f"damaged: {e}"
+        aside = set_aside(rundir, step, problem)
+        manager.reload()
+        notes.append(f"checkpoint {step} set aside to {aside} ({problem})")
+    if notes:
+        raise UserError(f"no checkpoint of {rundir} is intact: {'; '.join(notes)}; start a new "
+                        "--rundir (or move a checkpoint back from damaged_checkpoints/ yourself)")
+    return None, None, None, None, notes

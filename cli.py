@@ -30,14 +30,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main) -> None:
-    """Run a script's main(): a UserError becomes `error: ...` and exit 2; Ctrl-C exits 130 quietly."""
+    """Run a script's main(): a UserError becomes `error: ...` and exit 2; Ctrl-C exits 130 quietly
+    (scripts note Ctrl-C where a cut would lose work: train.py saves first)."""
     try:
         main()
     except UserError as e:
         print("error:", " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever e holds
         sys.exit(2)
     except KeyboardInterrupt:
-        sys.exit(130)
+        # Out at once: the interpreter's own teardown would race the XLA threads still running
+        # an interrupted computation (a segmentation fault, exit 139, in sample.py and train.py).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -2,7 +2,7 @@
 
 A dataset is a directory `data/<name>/` with three files:
   train.bin, val.bin  flat token ids, uint16 (uint32 when vocab_size > 65536), no header, so
-                      np.memmap reads them with no parsing and no copy
+                      a slice of a split is one read of its bytes (TokenFile)
   meta.json           {"tokenizer": "char"|"gpt2"|"pixels", "chars" (char only), "vocab_size",
                       "dtype", "train_tokens", "val_tokens", "train_sha256", "val_sha256",
                       "source", ...}
@@ -36,6 +36,7 @@ TOKENIZERS = ("char", "gpt2", "pixels")  # pixels: prepare_digits.py's grey leve
 META_ORDER = ("tokenizer", "chars", "vocab_size", "dtype", "train_tokens", "val_tokens",
               "train_sha256", "val_sha256", "source")
 IDENTITY_KEYS = ("tokenizer", "chars", "vocab_size", "dtype", "train_sha256", "val_sha256")  # not "source"
+TOKENIZER_KEYS = ("tokenizer", "chars", "vocab_size", "digits")  # what a token id means
 # the command that makes each well-known dataset, so an error can say what to run
 PREPARE_COMMANDS = {
     "shakespeare_char": "python prepare_shakespeare.py",
@@ -65,6 +66,28 @@ def sha256_file(path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_stamps(data_dir) -> dict[str, list[int]]:
+    """Each split file's [size, modification time in ns] ([-1, -1] when it is gone): a change to
+    either says that it was written."""
+    def stamp(path: Path) -> list[int]:
+        try:
+            return [(st := path.stat()).st_size, st.st_mtime_ns]
+        except FileNotFoundError:
+            return [-1, -1]
+
+    return {s: stamp(Path(data_dir) / f"{s}.bin") for s in SPLITS}
+
+
+def changed_since(data_dir, stamps: dict) -> str | None:
+    """Which split file was written (or removed) since file_stamps(data_dir) gave stamps, if any."""
+    now = file_stamps(data_dir)
+    changed = [s for s in SPLITS if now[s] != list(stamps[s])]
+    if not changed:
+        return None
+    how = "removed" if now[changed[0]][0] < 0 else "written (its size or time changed)"
+    return f"{Path(data_dir) / changed[0]}.bin was {how}"
 
 
 def read_text(path) -> str:
@@ -265,12 +288,53 @@ def _example_layout_problem(meta: dict) -> str | None:
     return None
 
 
-def open_split(data_dir, split: str, meta: dict) -> np.ndarray:
-    """A split's tokens as a read-only memmap: the OS pages in only what batches touch."""
-    n, dtype = meta[f"{split}_tokens"], np.dtype(meta["dtype"])
-    if n == 0:
-        return np.empty(0, dtype)  # mmap can't map an empty file
-    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=dtype, mode="r", shape=(n,))
+def open_split(data_dir, split: str, meta: dict) -> "TokenFile":
+    """A split's tokens, read as they are sliced: only what batches touch is read."""
+    return TokenFile(Path(data_dir) / f"{split}.bin", meta["dtype"], meta[f"{split}_tokens"])
+
+
+class TokenFile:
+    """The n tokens of a .bin file, read with pread when sliced (np.asarray reads them all).
+
+    Not a memmap: a file truncated under a running job makes a memmap's next read past the new
+    end kill the process with SIGBUS, no message; here it is a short read, and one UserError line.
+    """
+
+    def __init__(self, path: Path, dtype, n: int):
+        self.path, self.dtype, self.n = Path(path), np.dtype(dtype), n
+        self.filename = str(path)
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def size(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, stride = index.indices(self.n)
+            count = max(0, stop - start)
+            raw = os.pread(self.fd, count * self.dtype.itemsize, start * self.dtype.itemsize)
+            if len(raw) != count * self.dtype.itemsize:
+                now = os.fstat(self.fd).st_size
+                raise UserError(f"{self.path} changed under this job: it now holds {now:,} bytes, "
+                                f"{self.n * self.dtype.itemsize:,} when it was opened; restore it "
+                                "(or prepare the dataset again) and rerun")
+            return np.frombuffer(raw, self.dtype)[::stride]
+        position = range(self.n)[index]  # an int, negative ones too; IndexError past the end
+        return self[position : position + 1][0]
+
+    def __iter__(self):
+        return iter(self[:])
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def tolist(self) -> list:
+        return self[:].tolist()
 
 
 class CharTokenizer:
@@ -331,8 +395,30 @@ class GPT2Tokenizer:
         return self.enc.decode([int(i) for i in ids])
 
 
+GPT2_BPE = {"tokenizer": "gpt2", "vocab_size": 50257}  # what OpenAI's GPT-2 weights read
+
+
+def tokenizer_of(meta: dict) -> dict:
+    """What a dataset's (or a model's) token ids mean: its TOKENIZER_KEYS."""
+    return {key: meta[key] for key in TOKENIZER_KEYS if key in meta}
+
+
+def tokenizer_difference(ours: dict, theirs: dict) -> str | None:
+    """How two tokenizers differ, in words, or None when an id means the same token in both."""
+    if ours.get("tokenizer") != theirs.get("tokenizer"):
+        return f"'{ours.get('tokenizer')}' tokens against '{theirs.get('tokenizer')}'"
+    if ours.get("chars") != theirs.get("chars"):
+        a, b = ours.get("chars") or "", theirs.get("chars") or ""
+        if set(a) == set(b):
+            return f"the same {len(a)} characters numbered in another order"
+        return f"{len(a)} characters against {len(b)}, {len(set(a) - set(b))} of them not in the model's"
+    if ours.get("digits") != theirs.get("digits"):
+        return f"{ours.get('digits')}-digit problems against {theirs.get('digits')}-digit ones"
+    return None
+
+
 def load_tokenizer(meta: dict):
-    if meta["tokenizer"] == "char" and "digits" in meta and "example_length" in meta:
+    if meta["tokenizer"] == "char" and "digits" in meta:
         return AdditionTokenizer(meta["digits"])  # prepare_addition.py's problems
     if meta["tokenizer"] == "char":
         return CharTokenizer(meta["chars"])

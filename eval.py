@@ -71,21 +71,23 @@ def status(line: str) -> None:
 
 
 def model_shapes(args):
-    """(the model's GPTConfig, the checkpoint's step or None, the run's data_dir or None), read
+    """(the model's GPTConfig, what its token ids mean or None, the run's data_dir or None), read
     before any weights are, so bad input fails fast."""
     if args.init_from:
         import gpt2
 
-        config, _ = gpt2.read_config(gpt2.resolve(args.init_from))
-        return config, None, None
+        directory = gpt2.resolve(args.init_from)
+        return gpt2.read_config(directory)[0], gpt2.read_tokenizer(directory), None
     import checkpoints
 
     config = checkpoints.read_run_config(Path(args.rundir))
-    return config.model, checkpoints.choose_step(Path(args.rundir), args.checkpoint), config.data_dir
+    checkpoints.candidate_steps(Path(args.rundir), args.checkpoint)  # a bad --checkpoint, at once
+    return config.model, checkpoints.run_tokenizer(Path(args.rundir)), config.data_dir
 
 
-def load(args, step):
-    """(the model in the compute dtype asked for, a function placing a batch on its devices)."""
+def load(args):
+    """(the model in the compute dtype asked for, a function placing a batch on its devices, the
+    checkpoint's step or None)."""
     import dataclasses
 
     from model import with_config
@@ -94,7 +96,7 @@ def load(args, step):
         import gpt2
 
         model, _ = gpt2.load(args.init_from)
-        place = np.asarray
+        place, step = np.asarray, None
     else:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -103,24 +105,30 @@ def load(args, step):
         from sharding import make_mesh
 
         # the run's parameters on the devices present, FSDP over all of them (as sample.py)
-        config, model = checkpoints.load_model(args.rundir, step)
+        config, model, step = checkpoints.load_model(args.rundir, args.checkpoint, note=status)
         rows = NamedSharding(make_mesh(config), P(("data", "fsdp")))
         place = lambda batch: jax.device_put(batch, rows)  # noqa: E731
     dtype = args.dtype or ("float32" if args.init_from else model.config.compute_dtype)
     if dtype != model.config.compute_dtype:
         model = with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))
-    return model, place
+    return model, place, step
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    shapes, step, run_data = model_shapes(args)
+    shapes, model_tokens, run_data = model_shapes(args)
     block_size = shapes.block_size
     data_dir = args.data_dir or run_data
     meta = data.load_meta(data_dir) if data_dir else None
-    if meta and args.init_from and meta["tokenizer"] != "gpt2":
-        raise UserError(f"{data_dir} is tokenized '{meta['tokenizer']}', GPT-2 reads GPT-2's BPE: "
-                        "prepare it with --tokenizer gpt2")
+    if meta and model_tokens and (differ := data.tokenizer_difference(data.tokenizer_of(meta),
+                                                                      model_tokens)):
+        how = "--tokenizer gpt2" if model_tokens["tokenizer"] == "gpt2" else "the model's tokenizer"
+        raise UserError(f"{data_dir}'s token ids mean other tokens than the model's ({differ}): "
+                        f"pass a --data_dir prepared with {how}")
+    if meta and model_tokens is None:
+        raise UserError(f"{args.init_from or args.rundir} does not say what its token ids mean (a "
+                        f"vocabulary of {shapes.vocab_size}, not GPT-2's, and no tokenizer recorded): "
+                        "it cannot be checked against the data; export it again from its run")
     if args.hellaswag and meta and meta["tokenizer"] != "gpt2":
         raise UserError(f"HellaSwag is scored in GPT-2's BPE and {data_dir} is tokenized "
                         f"'{meta['tokenizer']}': drop --hellaswag")
@@ -132,7 +140,7 @@ def main(argv=None) -> dict:
     if meta and meta["vocab_size"] > shapes.vocab_size:
         raise UserError(f"{data_dir} has a vocabulary of {meta['vocab_size']}, more than the "
                         f"model's {shapes.vocab_size}: pass the --data_dir it was trained on")
-    model, place = load(args, step)
+    model, place, step = load(args)
     source = args.init_from or f"{args.rundir} (checkpoint at step {step})"
     results = {"model": source, "compute_dtype": model.config.compute_dtype}
     batch_size = math.ceil(args.batch_size / jax.device_count()) * jax.device_count()

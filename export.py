@@ -30,25 +30,24 @@ def main(argv=None) -> None:
         raise UserError(f"{out} already holds a model: pass --overwrite or another --out")
 
     import checkpoints  # here: --help needs neither jax nor orbax
-    import data
     import gpt2
 
     config = checkpoints.read_run_config(Path(args.rundir))
     if changed := gpt2.not_in_gpt2_layout(config.model):
         raise UserError(f"{args.rundir} is not of the GPT-2 architecture (its model has "
                         f"{', '.join(changed)}): only such runs export to GPT-2's layout")
+    tokenizer = checkpoints.run_tokenizer(Path(args.rundir))  # kept with the model for sample.py
     vocab_size = config.model.vocab_size
-    try:  # the tokenizer's vocabulary, without the padding rows
-        vocab_size = min(vocab_size, data.load_meta(config.data_dir)["vocab_size"])
-    except UserError:
-        pass  # the data directory is gone: keep every row
-    step = checkpoints.choose_step(Path(args.rundir), args.checkpoint)
-    _, model = checkpoints.load_model(args.rundir, step)
+    if tokenizer:  # the tokenizer's vocabulary, without the padding rows
+        vocab_size = min(vocab_size, tokenizer["vocab_size"])
+    checkpoints.candidate_steps(Path(args.rundir), args.checkpoint)  # a bad --checkpoint, at once
+    note = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    _, model, step = checkpoints.load_model(args.rundir, args.checkpoint, note=note)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):  # asked first: safetensors' own error names no cause
             raise OSError("read-only or no permission")
-        gpt2.save(model, out, vocab_size)
+        gpt2.save(model, out, vocab_size, tokenizer)
     except OSError as e:
         raise UserError(f"cannot write to {out} ({e.strerror or e}): pass another --out") from None
     print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'} (step {step}, "

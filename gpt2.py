@@ -14,6 +14,7 @@ one table of names, so a load -> save -> load round trip is exact.
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import equinox as eqx
@@ -23,6 +24,7 @@ import jax.random as jr
 import numpy as np
 
 from cli import UserError
+from data import GPT2_BPE
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig, padded_vocab
 
 HUB_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -111,6 +113,15 @@ def read_config(directory: Path) -> tuple[GPTConfig, int]:
     return config, hf["vocab_size"]
 
 
+def read_tokenizer(directory: Path) -> dict | None:
+    """What the model's token ids mean (data.tokenizer_of): as export.py recorded it in
+    config.json, else GPT-2's BPE for GPT-2's vocabulary; None when neither says."""
+    hf = json.loads((directory / "config.json").read_text())
+    if isinstance(hf.get("eqxgpt_tokenizer"), dict):
+        return hf["eqxgpt_tokenizer"]
+    return dict(GPT2_BPE) if hf.get("vocab_size") == GPT2_BPE["vocab_size"] else None
+
+
 def load(source: str, config: GPTConfig | None = None) -> tuple[GPT, int]:
     """(the GPT with the checkpoint's weights, float32; the file's vocab_size). config: the
     settings that do not change the weights (dropout, compute_dtype, ...) to keep."""
@@ -177,9 +188,11 @@ def not_in_gpt2_layout(config: GPTConfig) -> list[str]:
             and getattr(config, field.name) != getattr(gpt2, field.name)]
 
 
-def save(model: GPT, out_dir: Path, vocab_size: int) -> None:
+def save(model: GPT, out_dir: Path, vocab_size: int, tokenizer: dict | None = None) -> None:
     """Writes config.json and model.safetensors in Hugging Face's GPT-2 layout (the padding rows
-    of the vocabulary past vocab_size dropped)."""
+    of the vocabulary past vocab_size dropped), both with the permissions of any new file.
+    tokenizer: what the token ids mean (data.tokenizer_of), kept in config.json for sample.py
+    and eval.py (transformers ignores the key)."""
     from safetensors.numpy import save_file
 
     config = model.config
@@ -211,7 +224,11 @@ def save(model: GPT, out_dir: Path, vocab_size: int) -> None:
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": 0.02,
         "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
         "bos_token_id": 50256, "eos_token_id": 50256,
+        **({"eqxgpt_tokenizer": tokenizer} if tokenizer else {}),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)  # safetensors writes 0600; a model is shared like config.json (0666 - umask)
+    os.umask(umask)
+    os.chmod(out_dir / "model.safetensors", 0o666 & ~umask)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -13,6 +13,7 @@ and writes them as one PNG grid, a row per class label when the data has labels.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import struct
@@ -74,8 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("say what to sample from: --rundir=RUN (a directory made by launch.py) "
                         "or --init_from=GPT2 (a GPT-2 directory or name), one of the two")
     for name, ok, rule in [
-        ("num_samples", args.num_samples >= 1, ">= 1"),
-        ("max_new_tokens", args.max_new_tokens >= 0, ">= 0"),
+        ("seed", 0 <= args.seed < 2**63, "in [0, 2**63)"),  # jax.random.key's signed 64 bits
+        ("num_samples", 1 <= args.num_samples < 2**31, "in [1, 2**31)"),  # int32 shapes
+        ("max_new_tokens", 0 <= args.max_new_tokens < 2**31, "in [0, 2**31)"),
         ("temperature", args.temperature >= 0, ">= 0"),
         ("top_k", args.top_k >= 0, ">= 0"),
         ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
@@ -123,6 +125,17 @@ def with_dtype(model: GPT, dtype: str | None) -> GPT:
     return with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))
 
 
+@contextlib.contextmanager
+def out_of_memory_is_user_error(args):
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise UserError(f"{args.num_samples} x {args.max_new_tokens} new tokens do not fit in this "
+                        "device's memory: lower --num_samples or --max_new_tokens") from None
+
+
 def sample_keys(seed: int, num_samples: int):
     # fold_in: sample i is the same whatever num_samples is
     return jax.vmap(lambda i: jr.fold_in(jr.key(seed), i))(jnp.arange(num_samples))
@@ -130,22 +143,33 @@ def sample_keys(seed: int, num_samples: int):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.init_from:  # GPT-2's own weights: its BPE, its vocabulary
+    if args.init_from:  # GPT-2's weights, or a run's export: the tokenizer its config.json names
         import gpt2
 
-        model, vocab_size = gpt2.load(args.init_from)
-        tokenizer, source = data.GPT2Tokenizer(), f"GPT-2 weights {args.init_from}"
+        directory = gpt2.resolve(args.init_from)
+        vocab = gpt2.read_config(directory)[1]
+        if (tokens := gpt2.read_tokenizer(directory)) is None:
+            raise UserError(f"{args.init_from} does not say what its token ids mean (a vocabulary "
+                            f"of {vocab}, not GPT-2's, and no tokenizer recorded): sample from its "
+                            "run with --rundir, or export it again")
+        tokenizer, source = data.load_tokenizer(tokens), f"{args.init_from}"
         prompt = tokenizer.encode(read_prompt(args.start))
+        model, vocab_size = gpt2.load(args.init_from)
     else:
         import checkpoints  # here: --help needs neither jax nor orbax
 
-        config = checkpoints.read_run_config(Path(args.rundir))
-        tokenizer, meta = load_tokenizer(config.data_dir, args.rundir)
+        rundir = Path(args.rundir)
+        config = checkpoints.read_run_config(rundir)
+        tokens = checkpoints.run_tokenizer(rundir)
+        if tokens and tokens["tokenizer"] != "pixels":  # as the run recorded it: no data needed
+            tokenizer, meta = data.load_tokenizer(tokens), tokens
+        else:
+            tokenizer, meta = load_tokenizer(config.data_dir, args.rundir)
         vocab_size = meta["vocab_size"]
-        step = checkpoints.choose_step(Path(args.rundir), args.checkpoint)
+        checkpoints.candidate_steps(rundir, args.checkpoint)  # a bad --checkpoint fails fast
         # encoded before the weights load: a prompt the tokenizer cannot read fails fast
         prompt = None if tokenizer is None else tokenizer.encode(read_prompt(args.start))
-        _, model = checkpoints.load_model(args.rundir, step)
+        _, model, step = checkpoints.load_model(rundir, args.checkpoint, note=status)
         source = f"{args.rundir} (checkpoint at step {step})"
         if tokenizer is None:  # pixels
             return sample_images(args, model, meta, source)
@@ -160,9 +184,10 @@ def main(argv=None) -> None:
     # a vocab_size rounded up past the tokenizer's (GPT-2: 50257 -> 50304) must not be sampled
     vocab_limit = vocab_size if vocab_size < model.config.vocab_size else None
     keys = sample_keys(args.seed, args.num_samples)
-    ids = generate_samples(model, jnp.asarray(prompt, jnp.int32), keys, args.max_new_tokens,
-                           args.temperature, args.top_k, args.top_p, vocab_limit)
-    ids = jax.device_get(ids)
+    with out_of_memory_is_user_error(args):
+        ids = jax.device_get(generate_samples(model, jnp.asarray(prompt, jnp.int32), keys,
+                                              args.max_new_tokens, args.temperature, args.top_k,
+                                              args.top_p, vocab_limit))
     seconds = time.perf_counter() - t0
     for row in ids:
         print(tokenizer.decode(prompt + [int(i) for i in row]))
@@ -197,8 +222,9 @@ def sample_images(args, model: GPT, meta: dict, source: str) -> np.ndarray:
     rows = []
     for prompt in prompts:  # one compiled program: every prompt is one token
         # vocab_limit: only pixel tokens (ids < levels) are drawn, never a label token
-        ids = generate_samples(model, jnp.asarray([prompt], jnp.int32), keys, pixels,
-                               args.temperature, args.top_k, args.top_p, levels)
+        with out_of_memory_is_user_error(args):
+            ids = generate_samples(model, jnp.asarray([prompt], jnp.int32), keys, pixels,
+                                   args.temperature, args.top_k, args.top_p, levels)
         rows.append(np.asarray(jax.device_get(ids)).reshape(args.num_samples, shape["height"],
                                                             shape["width"]))
     images = np.stack(rows)

@@ -165,6 +165,23 @@ def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]
     return rows
 
 
+def health_problem(losses: dict, model, last_grad_norm: float | None) -> str | None:
+    """Why the state just evaluated must not be saved, or None: a loss or the weights' norm that
+    is not finite, or a collapsed model (a zero gradient: it can never learn again, and it
+    guesses uniformly)."""
+    for split, loss in losses.items():
+        if not math.isfinite(loss):
+            return f"{split} loss is {loss}"
+    norm = float(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array)))
+    if not math.isfinite(norm):
+        return f"the weights' norm is {norm}"
+    if last_grad_norm is not None and last_grad_norm < 1e-8:
+        return (f"the model collapsed: grad norm {last_grad_norm:.1e} (it can no longer learn), val "
+                f"loss {losses['val']:.4f} against uniform guessing's ln(vocab_size) = "
+                f"{math.log(model.config.vocab_size):.4f}")
+    return None
+
+
 def open_data(config: TrainConfig, meta: dict, mesh):
     """(train batches, the two eval splits' batches, to_global) over the prepared dataset."""
     if config.model.vocab_size < meta["vocab_size"]:
@@ -202,24 +219,27 @@ def open_data(config: TrainConfig, meta: dict, mesh):
     return train_batches, eval_batches, to_global
 
 
-def create_or_restore_state(config: TrainConfig, abstract, manager, train_batches):
-    """(model, opt_state, dropout key data, step): restored from the latest checkpoint (which
-    also moves train_batches on to its step), else initialised (or GPT-2's, with init_from)."""
+def create_or_restore_state(config: TrainConfig, abstract, manager, rundir: Path, train_batches):
+    """(model, opt_state, dropout key data, step, notes): restored from the newest intact
+    checkpoint (which also moves train_batches on to its step), else initialised (or GPT-2's,
+    with init_from). notes name the checkpoints set aside as damaged on the way."""
     abstract_params, abstract_opt, static, optimizer = abstract
-    step = None if manager is None else manager.latest_step()
+    step, notes = None, []
+    if manager is not None:
+        step, params, opt_state, run_state, notes = checkpoints.restore_newest_intact(
+            manager, rundir, abstract_params, abstract_opt)
     if step is None:
         params, opt_state = init_state(config, abstract_params, abstract_opt, optimizer)
         step, key_data = 0, np.asarray(jr.key_data(jr.key(config.seed)))
     else:
-        params, opt_state, run_state = checkpoints.restore_checkpoint(manager, step, abstract_params,
-                                                                      abstract_opt)
         train_batches.load_state_dict(run_state["sampler"])
         key_data = run_state["key"]
-    return eqx.combine(params, static), opt_state, key_data, step
+    return eqx.combine(params, static), opt_state, key_data, step, notes
 
 
 @contextlib.contextmanager
-def run_outputs(config: TrainConfig, rundir: Path, meta: dict, start: int, changes: dict):
+def run_outputs(config: TrainConfig, rundir: Path, meta: dict, data_files: dict, start: int,
+                changes: dict):
     """(log, scalar, bar), after config.json is written (with this resume's changes in its
     history): log(line) prints a line and appends it to log.txt; scalar(name, value, step) writes
     a TensorBoard scalar; bar is the tqdm progress bar (off when stdout is no terminal). Only
@@ -228,7 +248,7 @@ def run_outputs(config: TrainConfig, rundir: Path, meta: dict, start: int, chang
     if jax.process_index() != 0:
         yield (lambda line, step_line=False: None), (lambda name, value, step: None), tqdm(disable=True)
         return
-    checkpoints.write_run_config(rundir, config, meta, start, changes)
+    checkpoints.write_run_config(rundir, config, meta, data_files, start, changes)
     writer = summary_writer(rundir)
     writer.add_text("config", "```\n" + (rundir / "config.json").read_text() + "```")
     bar = tqdm(total=config.max_steps, unit="step", file=sys.stdout, **bar_width(),
@@ -238,10 +258,13 @@ def run_outputs(config: TrainConfig, rundir: Path, meta: dict, start: int, chang
         def log(line: str, step_line: bool = False):
             log_file.write(line + "\n")
             log_file.flush()
-            if bar.disable:
-                print(line, flush=True)
-            elif not step_line:
-                bar.write(line, file=sys.stdout)
+            try:
+                if bar.disable:
+                    print(line, flush=True)
+                elif not step_line:
+                    bar.write(line, file=sys.stdout)
+            except OSError:  # the terminal is gone (SIGHUP): log.txt still has every line
+                pass
 
         yield log, writer.add_scalar, bar
 
@@ -292,17 +315,22 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     config = with_data_vocab(config, meta)
     mesh = make_mesh(config)
     train_batches, eval_batches, to_global = open_data(config, meta, mesh)
-    changes = checkpoints.check_rundir(config, rundir, meta)
-    with contextlib.ExitStack() as stack:  # what is entered below is left in reverse order
+    data_files = data.file_stamps(config.data_dir)  # what the run reads, as it is now
+    changes = checkpoints.check_rundir(config, rundir, meta, data_files)
+    # From here Ctrl-C, SIGTERM and SIGHUP are noted, never raised mid-step or mid-save; a Ctrl-C
+    # before the first step is done leaves the run directory as it was (as_found_unless_trained).
+    with checkpoints.stop_signals() as stop_requested, \
+            checkpoints.as_found_unless_trained(rundir) as trained, contextlib.ExitStack() as stack:
         stack.enter_context(checkpoints.rundir_lock(rundir))
         stack.enter_context(checkpoints.disk_full_is_user_error(rundir))
         manager, set_aside = None, []
         if not debug:
             manager, set_aside = checkpoints.open_checkpoints(rundir, config.keep_checkpoints)
-            stack.callback(manager.close)  # waits until the last save is on disk
+            stack.callback(manager.close)
+            stack.callback(checkpoints.seal, manager)  # first: the last save on disk, checksummed
         abstract = abstract_state(config, mesh)
-        model, opt_state, key_data, start = create_or_restore_state(config, abstract, manager,
-                                                                    train_batches)
+        model, opt_state, key_data, start, damaged = create_or_restore_state(
+            config, abstract, manager, rundir, train_batches)
         if start >= config.max_steps:  # a finished run, started again: nothing to write
             if jax.process_index() == 0:
                 print(f"nothing to do: {rundir} is at step {start} of max_steps={config.max_steps} "
@@ -310,10 +338,17 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             return model
         abstract_params, _, _, optimizer = abstract
         train_step = make_train_step(config, optimizer, abstract_params)
-        log, scalar, bar = stack.enter_context(run_outputs(config, rundir, meta, start, changes))
+        if stop_requested(start, manager) == "SIGINT":  # Ctrl-C while restoring: nothing to keep
+            raise KeyboardInterrupt
+        log, scalar, bar = stack.enter_context(run_outputs(config, rundir, meta, data_files, start,
+                                                                  changes))
         if set_aside:
             log(f"incomplete checkpoints (a crash mid-save) moved to "
                 f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
+        for note in damaged:
+            log(note)
+        if damaged:
+            log(f"resuming from the newest intact checkpoint, step {start}")
         if vocab_from_data:
             log(f"model.vocab_size={config.model.vocab_size}: the data's (from "
                 f"{Path(config.data_dir) / 'meta.json'}, {meta['tokenizer']} tokens)")
@@ -330,9 +365,9 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
             f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
         batches = stack.enter_context(contextlib.closing(train_batches.prefetch()))
-        stop_requested = stack.enter_context(checkpoints.preemption_notice(manager))
 
         step, last_saved, pending = start, (start or None), []  # pending: metrics still on device
+        last_grad_norm = None  # of the last step read back, for the health check before a save
         # ms/step counts from step_timer over the steps since timed_from: compilation, profiling
         # and evaluations are not step time (nor are they training time to target_val_loss)
         step_timer, timed_from = time.perf_counter(), start
@@ -345,101 +380,119 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
 
         def flush():
             """Reads the pending metrics (one sync), stops on NaN, writes each step's scalars."""
+            nonlocal last_grad_norm
             rows = check_finite(pending, last_saved)
             for row_step, row in rows:
                 for name in ("loss", "lr", "grad_norm"):
                     scalar(f"train/{name}", float(row[name]), row_step + 1)
+            if rows:
+                last_grad_norm = float(rows[-1][1]["grad_norm"])
             return rows
 
+        def refuse_to_save(problem: str):
+            kept = (f"the last good checkpoint, step {last_saved}, is kept" if last_saved
+                    else "no checkpoint was written")
+            raise UserError(f"{problem} at step {step}: not saved; {kept}: lower --learning_rate "
+                            "(or --weight_decay), or raise --warmup_steps")
+
         bar.update(start)
-        try:
-            while step < config.max_steps:
-                # step: one optimizer step; its metrics stay on device until the next log line
-                tokens, targets = next(batches)
-                model, opt_state, metrics = train_step(
-                    model, opt_state, to_global(tokens), to_global(targets), np.int32(step), key_data)
-                pending.append((step, metrics))
-                step += 1
-                bar.update(1)  # host-side only: the bar reads no metric here
-                if step == start + 1:  # the first step compiles: not step time, nor profiled
-                    jax.block_until_ready(metrics)
-                    compile_seconds = time.perf_counter() - step_timer
-                    log(f"step {step}: compiled and ran in {compile_seconds:.1f}s")
-                    bar.set_description("training")
-                    if debug:
-                        jax.profiler.start_trace(str(rundir / "profile"))
-                        profiling = True
-                    step_timer, timed_from = time.perf_counter(), step
-                if profiling and step >= start + 1 + config.profile_steps:
-                    jax.block_until_ready(model)
-                    jax.profiler.stop_trace()
-                    profiling = False
-                    log(f"profile of steps {start + 2}-{step} written to {rundir / 'profile'}")
-                    step_timer, timed_from = time.perf_counter(), step
+        while step < config.max_steps:
+            # step: one optimizer step; its metrics stay on device until the next log line
+            tokens, targets = next(batches)
+            model, opt_state, metrics = train_step(
+                model, opt_state, to_global(tokens), to_global(targets), np.int32(step), key_data)
+            pending.append((step, metrics))
+            step += 1
+            bar.update(1)  # host-side only: the bar reads no metric here
+            if step == start + 1:  # the first step compiles: not step time, nor profiled
+                jax.block_until_ready(metrics)
+                if stop_requested(step, manager) == "SIGINT":  # before any step was done
+                    raise KeyboardInterrupt
+                trained()  # from here a Ctrl-C saves the work instead of undoing the start
+                compile_seconds = time.perf_counter() - step_timer
+                log(f"step {step}: compiled and ran in {compile_seconds:.1f}s")
+                bar.set_description("training")
+                if debug:
+                    jax.profiler.start_trace(str(rundir / "profile"))
+                    profiling = True
+                step_timer, timed_from = time.perf_counter(), step
+            if profiling and step >= start + 1 + config.profile_steps:
+                jax.block_until_ready(model)
+                jax.profiler.stop_trace()
+                profiling = False
+                log(f"profile of steps {start + 2}-{step} written to {rundir / 'profile'}")
+                step_timer, timed_from = time.perf_counter(), step
 
-                # log: every log_interval steps, one host sync reads the metrics since the last
-                if step % config.log_interval == 0 or step == config.max_steps:
-                    rows = flush()
-                    if step > timed_from and rows:
-                        seconds = (time.perf_counter() - step_timer) / (step - timed_from)
-                        tokens_per_s, mfu = throughput(config, seconds, mesh.size)
-                        last = {name: float(value) for name, value in rows[-1][1].items()}
-                        log(f"step {step} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | grad "
-                            f"norm {last['grad_norm']:.3f} | {seconds * 1e3:.1f} ms/step | "
-                            f"{tokens_per_s:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'}",
-                            step_line=True)
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                        scalar("perf/ms_per_step", seconds * 1e3, step)
-                        scalar("perf/tokens_per_s", tokens_per_s, step)
-                        if mfu:
-                            scalar("perf/mfu", mfu, step)
-                    step_timer, timed_from = time.perf_counter(), step
+            # log: every log_interval steps, one host sync reads the metrics since the last
+            if step % config.log_interval == 0 or step == config.max_steps:
+                rows = flush()
+                if step > timed_from and rows:
+                    seconds = (time.perf_counter() - step_timer) / (step - timed_from)
+                    tokens_per_s, mfu = throughput(config, seconds, mesh.size)
+                    last = {name: float(value) for name, value in rows[-1][1].items()}
+                    log(f"step {step} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | grad "
+                        f"norm {last['grad_norm']:.3f} | {seconds * 1e3:.1f} ms/step | "
+                        f"{tokens_per_s:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'}",
+                        step_line=True)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                    scalar("perf/ms_per_step", seconds * 1e3, step)
+                    scalar("perf/tokens_per_s", tokens_per_s, step)
+                    if mfu:
+                        scalar("perf/mfu", mfu, step)
+                step_timer, timed_from = time.perf_counter(), step
 
-                # evaluate and save: every eval_interval steps, and after the last
-                if step % config.eval_interval == 0 or step == config.max_steps:
+            # evaluate and save: every eval_interval steps, and after the last; a state that is
+            # not finite, or has collapsed, is never saved (it would rotate good ones away)
+            if step % config.eval_interval == 0 or step == config.max_steps:
+                flush()
+                eval_start = time.perf_counter()
+                if problem := data.changed_since(config.data_dir, data_files):
+                    raise UserError(f"{problem} under the running job (noticed at step {step}; "
+                                    f"the last checkpoint, step {last_saved}, was saved before): "
+                                    f"restore it, then rerun with --rundir={rundir}")
+                losses = evaluate(model, eval_batches, config, to_global, show=not bar.disable)
+                log(f"step {step} | eval: train {losses['train']:.4f} | val {losses['val']:.4f}")
+                scalar("eval/train_loss", losses["train"], step)
+                scalar("eval/val_loss", losses["val"], step)
+                if problem := health_problem(losses, model, last_grad_norm):
+                    refuse_to_save(problem)
+                if manager is not None:
+                    save(val_loss=losses["val"])
+                    last_saved = step
+                evaluate_tasks(model, config, meta, step, log, scalar)
+                step_timer += time.perf_counter() - eval_start
+                eval_seconds += time.perf_counter() - eval_start
+                evaluations += 1
+                if losses["val"] <= config.target_val_loss:
+                    seconds = time.perf_counter() - run_clock - compile_seconds - eval_seconds
+                    log(f"step {step} | reached val {losses['val']:.4f} <= target_val_loss="
+                        f"{config.target_val_loss} after {seconds:.1f}s of training (the first "
+                        f"step's {compile_seconds:.1f}s with compilation and {evaluations} "
+                        f"evaluations' {eval_seconds:.1f}s not counted); stopping")
+                    scalar("eval/seconds_to_target", seconds, step)
+                    break
+
+            # stop: SIGTERM (a preemption) or SIGHUP (a closed terminal) saves the step just
+            # finished and exits 0, so a restart resumes right here; Ctrl-C saves it, exits 130
+            stop = stop_requested(step, manager) if step < config.max_steps else None
+            if stop:
+                how = "interrupted" if stop == "SIGINT" else f"stopped by {stop}"
+                if manager is None:
+                    log(f"{how} at step {step} (--debug: no checkpoints)")
+                elif step == last_saved:
+                    checkpoints.seal(manager)
+                    log(f"{how} at step {step}, its checkpoint on disk; rerun with --rundir={rundir} "
+                        "to resume")
+                else:
                     flush()
-                    eval_start = time.perf_counter()
-                    losses = evaluate(model, eval_batches, config, to_global, show=not bar.disable)
-                    log(f"step {step} | eval: train {losses['train']:.4f} | val {losses['val']:.4f}")
-                    scalar("eval/train_loss", losses["train"], step)
-                    scalar("eval/val_loss", losses["val"], step)
-                    if manager is not None:
-                        save(val_loss=losses["val"])
-                        last_saved = step
-                    evaluate_tasks(model, config, meta, step, log, scalar)
-                    step_timer += time.perf_counter() - eval_start
-                    eval_seconds += time.perf_counter() - eval_start
-                    evaluations += 1
-                    if losses["val"] <= config.target_val_loss:
-                        seconds = time.perf_counter() - run_clock - compile_seconds - eval_seconds
-                        log(f"step {step} | reached val {losses['val']:.4f} <= target_val_loss="
-                            f"{config.target_val_loss} after {seconds:.1f}s of training (the first "
-                            f"step's {compile_seconds:.1f}s with compilation and {evaluations} "
-                            f"evaluations' {eval_seconds:.1f}s not counted); stopping")
-                        scalar("eval/seconds_to_target", seconds, step)
-                        break
-
-                # stop: SIGTERM (a preemption) saves the step just finished and exits 0, so the
-                # scheduler's restart resumes right here; Ctrl-C saves it below, then exits 130
-                stop = stop_requested(step) if step < config.max_steps else None
+                    norm = float(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array)))
+                    if not math.isfinite(norm):
+                        refuse_to_save(f"{how}: the weights' norm is {norm}")
+                    save()
+                    checkpoints.seal(manager)  # on disk, with its checksums, before the line says so
+                    log(f"{how} at step {step}: checkpoint saved (on disk); rerun with "
+                        f"--rundir={rundir} to resume")
                 if stop == "SIGINT":
                     raise KeyboardInterrupt
-                if stop:
-                    if manager is not None and step != last_saved:
-                        flush()
-                        save()
-                        manager.wait_until_finished()  # on disk before the exit
-                    log(f"stopped by SIGTERM at step {step}" + (", checkpoint saved; rerun with "
-                        f"--rundir={rundir} to resume" if manager else " (--debug: no checkpoints)"))
-                    break
-        except KeyboardInterrupt:
-            # Ctrl-C keeps the work: the step just finished is saved, a rerun resumes from it. A
-            # second Ctrl-C inside a step leaves its donated inputs deleted: nothing to save then.
-            deleted = any(a.is_deleted() for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-            if manager is not None and step != last_saved and not deleted:
-                flush()
-                save()
-                log(f"interrupted: checkpoint saved at step {step}; rerun with --rundir={rundir} "
-                    "to resume")
-            raise
+                break
     return model

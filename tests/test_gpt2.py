@@ -24,7 +24,6 @@ from safetensors.numpy import load_file, save_file
 import checkpoints
 import gpt2
 import optim
-import train
 from cli import UserError
 from conftest import SHARED
 from config import TrainConfig
@@ -230,7 +229,7 @@ def test_fine_tune_from_gpt2_then_export_loads_back_bit_for_bit(tmp_path, shakes
     assert done.returncode == 0, done.stderr
     saved = json.loads((rundir / "config.json").read_text())["config"]
     assert saved["model"]["n_layer"] == 2 and saved["model"]["position_embedding"] == "learned"
-    _, tuned = checkpoints.load_model(rundir)
+    _, tuned, _ = checkpoints.load_model(rundir)
     original, _ = gpt2.load(str(TINY_GPT2))
     for a, b in zip(arrays(original), arrays(tuned)):
         np.testing.assert_allclose(a, b, atol=1e-6)

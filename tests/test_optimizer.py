@@ -18,7 +18,6 @@ import pytest
 import checkpoints
 import cli
 import optim
-import sharding
 import train
 from config import TrainConfig
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig

@@ -115,6 +115,7 @@ def corpus(tmp_path_factory):
 
 def split_docs(tokens):
     """A .bin's tokens -> one tuple per document (every document ends in EOT)."""
+    tokens = np.asarray(tokens)
     assert tokens.size == 0 or tokens[-1] == EOT
     return [tuple(d) for d in np.split(np.asarray(tokens, np.int64), np.flatnonzero(tokens == EOT) + 1)[:-1]]
 
