@@ -262,7 +262,7 @@ def test_a_run_saved_on_four_devices_resumes_on_two_processes_then_on_two_device
 
 def test_a_heartbeat_timeout_too_short_to_watch_is_refused_before_joining():
     with pytest.raises(UserError, match="--heartbeat_timeout=3: must be at least 4 seconds"):
-        multihost.join("127.0.0.1:1", 2, 0, heartbeat_timeout=3)  # would wait for a coordinator
+        multihost.join(heartbeat_timeout=3)
 
 # launch.py, with a failure planted in process {process} when its step {step} is logged
 PLANTED = """
