@@ -57,6 +57,9 @@ def main(argv=None):
                         "(default: detected from the cluster environment)")
     parser.add_argument("--num_processes", type=int, help="with --multihost: number of processes")
     parser.add_argument("--process_id", type=int, help="with --multihost: this process's index")
+    parser.add_argument("--heartbeat_timeout", type=int, default=100,
+                        help="with --multihost: seconds after which a silent process is taken for "
+                        "dead (JAX's heartbeat timeout); the others stop at a quarter of it")
     parser.add_argument("-h", "--help", action="store_true", help="show this and every config field")
     args, overrides = parser.parse_known_args(argv)
 
@@ -88,24 +91,19 @@ def main(argv=None):
 
     if config.deterministic:  # read when the backend starts: before anything touches a device
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true"
-    if args.multihost:
-        import jax
+    import multihost  # here: jax, after --help and the config's checks
 
+    if args.multihost:
         if not args.rundir:
             raise UserError("--multihost needs --rundir: every host must write to the same place")
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only clusters
-        try:
-            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        except (ValueError, RuntimeError) as e:  # no cluster environment, coordinator unreachable
-            raise UserError(f"--multihost: cannot join a cluster ({str(e).splitlines()[0]}): pass "
-                            "--coordinator, --num_processes and --process_id, or run under a "
-                            "scheduler JAX detects (SLURM, Open MPI, ...)") from None
+        multihost.join(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = Path(args.config).stem if args.config else "run"
     rundir = Path(args.rundir or f"runs/{name}-{stamp}")
     from train import train
 
-    train(config, rundir, debug=args.debug)
+    with multihost.stop_together(rundir, args.heartbeat_timeout):  # one process: does nothing
+        train(config, rundir, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -362,7 +362,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 f"{config.learning_rate:.2e}")
         log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
             f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
-            f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
+            f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices"
+            f"{f' in {jax.process_count()} processes' * (jax.process_count() > 1)} | "
             f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
         batches = stack.enter_context(contextlib.closing(train_batches.prefetch()))
 
