@@ -172,7 +172,7 @@ def health_problem(losses: dict, model, last_grad_norm: float | None) -> str | N
     for split, loss in losses.items():
         if not math.isfinite(loss):
             return f"{split} loss is {loss}"
-    norm = float(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array)))
+    norm = float(jax.device_get(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array))))
     if not math.isfinite(norm):
         return f"the weights' norm is {norm}"
     if last_grad_norm is not None and last_grad_norm < 1e-8:
@@ -480,16 +480,13 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 how = "interrupted" if stop == "SIGINT" else f"stopped by {stop}"
                 if manager is None:
                     log(f"{how} at step {step} (--debug: no checkpoints)")
-                elif step == last_saved:
-                    checkpoints.seal(manager)
-                    log(f"{how} at step {step}, its checkpoint on disk; rerun with --rundir={rundir} "
-                        "to resume")
                 else:
-                    flush()
-                    norm = float(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array)))
-                    if not math.isfinite(norm):
-                        refuse_to_save(f"{how}: the weights' norm is {norm}")
-                    save()
+                    if step != last_saved:  # else the evaluation just saved it
+                        flush()
+                        norm = float(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array)))
+                        if not math.isfinite(norm):
+                            refuse_to_save(f"{how}: the weights' norm is {norm}")
+                        save()
                     checkpoints.seal(manager)  # on disk, with its checksums, before the line says so
                     log(f"{how} at step {step}: checkpoint saved (on disk); rerun with "
                         f"--rundir={rundir} to resume")

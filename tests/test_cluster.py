@@ -229,7 +229,7 @@ def test_sigterm_to_every_task_saves_the_same_step_everywhere_and_exits_0(data_d
         process.send_signal(signal.SIGTERM)
     (code, out, err), (code_1, out_1, err_1) = finish(processes)
     assert code == 0 and code_1 == 0, err + err_1
-    stopped = re.search(r"stopped by SIGTERM at step (\d+), checkpoint saved", out)
+    stopped = re.search(r"stopped by SIGTERM at step (\d+): checkpoint saved \(on disk\)", out)
     assert stopped and int(stopped.group(1)) < 40, out
     assert "Traceback" not in err + err_1 and "stopped" not in out_1  # only process 0 logs
     assert int(stopped.group(1)) == multihost.last_finished_checkpoint(rundir)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -336,11 +337,18 @@ def test_prompt_outside_the_vocabulary_is_a_one_line_error(trained_run):
 
 
 @pytest.mark.slow
-def test_missing_data_dir_is_a_clear_error(trained_run, tmp_path):
-    # a copy of the run whose data directory has gone
+def test_a_run_samples_without_its_data_and_a_missing_data_dir_is_a_clear_error(trained_run,
+                                                                                 tmp_path):
+    # a copy of the run whose data directory has gone: config.json says what the ids mean
+    shutil.copytree(trained_run, tmp_path / "run")
     config = json.loads((trained_run / "config.json").read_text())
     config["config"]["data_dir"] = str(tmp_path / "gone")
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    done = run_sample(f"--rundir={tmp_path / 'run'}", "--num_samples=1", "--max_new_tokens=5")
+    assert done.returncode == 0 and SEPARATOR in done.stdout, done.stderr
+    # a run from before config.json recorded its tokenizer: the data directory is needed
+    config["data"] = {key: value for key, value in config["data"].items()
+                      if key not in ("tokenizer", "chars", "vocab_size")}
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     done = run_sample(f"--rundir={tmp_path / 'run'}")
     assert done.returncode == 2

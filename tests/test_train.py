@@ -223,7 +223,8 @@ def test_the_loop_reads_the_device_only_through_its_log_and_eval_syncs(data_dir,
     monkeypatch.setattr(jax, "device_get", lambda x, get=jax.device_get: syncs.append(1) or get(x))
     config = tiny_config(data_dir, max_steps=12, eval_interval=6, log_interval=4, profile_steps=1)
     train.train(config, tmp_path / "run", debug=True)  # debug: no checkpoints to write
-    assert len(syncs) == 12 // 4 + 2 + 2 * (12 // 6)  # log steps, evals' flushes, 2 splits each
+    # log steps, evals' flushes, 2 splits each, and the weights' norm checked before each save
+    assert len(syncs) == 12 // 4 + 2 + 2 * (12 // 6) + 12 // 6
     shown = screen.getvalue()
     assert "compiling..." in shown and "training: 100%" in shown and "12/12" in shown
     assert "loss=" in shown and "tok_s=" in shown  # the postfix, from the log steps' metrics
