@@ -144,9 +144,10 @@ def patched(names: list[str]):
     return restore
 
 
-def config_for(shape: str, changes: dict) -> TrainConfig:
+def config_for(shape: str, changes: dict, data_dir: str) -> TrainConfig:
     name, base = SHAPES[shape]
-    config = dataclasses.replace(cli.load_config(name, TrainConfig), **base)
+    config = measure.with_vocab(dataclasses.replace(cli.load_config(name, TrainConfig), **base),
+                                data_dir)
     model_changes = {k[len("model."):]: v for k, v in changes.items() if k.startswith("model.")}
     other = {k: v for k, v in changes.items() if not k.startswith("model.")}
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **model_changes),
@@ -171,13 +172,13 @@ def parse_variant(spec: str) -> tuple[list[str], dict]:
     return patches, changes
 
 
-def time_variants(shape, variants, tokens, steps, warmup):
+def time_variants(shape, variants, data_dir, tokens, steps, warmup):
     rows = []
     for spec in variants:
         patches, changes = parse_variant(spec)
         restore = patched(patches)
         try:
-            result = measure.benchmark(config_for(shape, changes), steps, warmup, tokens)
+            result = measure.benchmark(config_for(shape, changes, data_dir), steps, warmup, tokens)
         finally:
             restore()
         rows.append((spec or "all tricks", result["ms_per_step"], result["compile_s"],
@@ -203,12 +204,12 @@ def params_after(config, tokens, steps):
     return [np.asarray(a) for a in jax.tree.leaves(eqx.filter(state, eqx.is_array))]
 
 
-def determinism(shape, variants, tokens, steps=3):
+def determinism(shape, variants, data_dir, tokens, steps=3):
     for spec in variants:
         patches, changes = parse_variant(spec)
         restore = patched(patches)
         try:
-            config = config_for(shape, changes)
+            config = config_for(shape, changes, data_dir)
             a, b = params_after(config, tokens, steps), params_after(config, tokens, steps)
         finally:
             restore()
@@ -228,14 +229,15 @@ def main():
     p.add_argument("variants", nargs="*", help="e.g. '' 'embed=scatter-add' "
                    "'model.unroll_layers=False' 'logits=float32+embed=scatter-add'")
     args = p.parse_args()
-    tokens, source = measure.token_stream(config_for(args.shape, {}), args.data_dir)
+    tokens, source = measure.token_stream(config_for(args.shape, {}, args.data_dir),
+                                         args.data_dir)
     print(f"{args.shape} on {jax.devices()[0].device_kind}, jax {jax.__version__}, tokens from "
           f"{source}", flush=True)
     variants = args.variants or [""]
     if args.determinism:
-        determinism(args.shape, variants, tokens)
+        determinism(args.shape, variants, args.data_dir, tokens)
     else:
-        time_variants(args.shape, variants, tokens, args.steps, args.warmup)
+        time_variants(args.shape, variants, args.data_dir, tokens, args.steps, args.warmup)
 
 
 if __name__ == "__main__":

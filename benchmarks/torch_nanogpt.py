@@ -199,8 +199,10 @@ def main():
         sync()
         seconds = (time.perf_counter() - start) / args.benchmark_steps
         name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
+        peak = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
         print(f"torch {torch.__version__} {name} shape={args.shape} batch={batch} block={block}: "
-              f"{1e3 * seconds:.1f} ms/step, {batch * block / seconds:,.0f} tokens/s, tokens: {source}")
+              f"{1e3 * seconds:.1f} ms/step, {batch * block / seconds:,.0f} tokens/s{peak}, "
+              f"tokens: {source}")
         return
 
     start = time.perf_counter()
