@@ -3,12 +3,16 @@ its view of q, k and v, and make_optimizer, which chains them. "Change the optim
 as "change the model" is model.py; train.py only calls make_optimizer and lr_schedule.
 
 AdamW everywhere by default, decay on matrices only; with optimizer="muon", the blocks' matrices
-take Muon (Jordan et al. 2024) and the rest AdamW, all under one warmup + cosine schedule.
+take Muon (Jordan et al. 2024) and the rest AdamW, all under one warmup + cosine schedule. The
+speedrun's later steps (KellerJordan/modded-nanogpt) are switches: the wsd schedule, Muon's
+momentum warmup, Polar Express, NorMuon, cautious weight decay, the untied head's own Adam.
 """
 
 import math
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from config import TrainConfig
@@ -17,12 +21,15 @@ from model import in_block_stack, names_on
 
 def optimizer_labels(config: TrainConfig):
     """A function of the params: 'muon' for the blocks' matrices when config.optimizer is "muon",
-    'decay' for every other matrix (ndim >= 2 in the unstacked model), 'no_decay' for norm gains
-    and biases. A GPT is itself callable, so optax needs a function here, not a tree."""
+    'head' for the untied head when it has its own head_learning_rate, 'decay' for every other
+    matrix (ndim >= 2 in the unstacked model), 'no_decay' for norm gains and biases. A GPT is
+    itself callable, so optax needs a function here, not a tree."""
 
     def label(path, leaf):
         if leaf.ndim - in_block_stack(path) < 2:
             return "no_decay"
+        if config.head_learning_rate and "lm_head" in names_on(path):
+            return "head"
         return "muon" if config.optimizer == "muon" and in_block_stack(path) else "decay"
 
     return lambda params: jax.tree_util.tree_map_with_path(label, params)
@@ -30,6 +37,9 @@ def optimizer_labels(config: TrainConfig):
 
 def lr_schedule(config: TrainConfig) -> optax.Schedule:
     decay_steps = config.lr_decay_steps or config.max_steps
+    if config.lr_schedule == "wsd":
+        return wsd_schedule(config.learning_rate, config.min_lr, config.warmup_steps, decay_steps,
+                            config.cooldown_frac)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
@@ -39,23 +49,159 @@ def lr_schedule(config: TrainConfig) -> optax.Schedule:
     )
 
 
+def wsd_schedule(peak: float, end_value: float, warmup_steps: int, total_steps: int,
+                 cooldown_frac: float) -> optax.Schedule:
+    """Warmup, stable, decay (the speedrun's): linear from 0 to the peak over warmup_steps, the
+    peak, then linear down to end_value over the last cooldown_frac of total_steps, end_value
+    after. Where a short run's warmup and cooldown overlap, the lower of the two lines."""
+    cooldown = max(1, round(cooldown_frac * total_steps))
+
+    def schedule(step):
+        warm = jnp.minimum(1.0, step / warmup_steps) if warmup_steps else 1.0
+        cool = jnp.clip((total_steps - step) / cooldown, 0.0, 1.0)
+        return jnp.minimum(peak * warm, end_value + (peak - end_value) * cool)
+
+    return schedule
+
+
+# Polar Express (Amsel et al. 2025): one (a, b, c) per Newton-Schulz step, as the speedrun runs
+# them on X / (1.02 |X|_F). optax divides by |X|_F alone, so the first step carries the 1.02:
+# a p(x / s) = (a / s) x + (b / s^3) x^3 + (c / s^5) x^5.
+_POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS = ((_POLAR_EXPRESS[0][0] / 1.02, _POLAR_EXPRESS[0][1] / 1.02**3,
+                  _POLAR_EXPRESS[0][2] / 1.02**5),) + _POLAR_EXPRESS[1:]
+JORDAN = (3.4445, -4.7750, 2.0315)  # Muon's one quintic for every step (optax's default)
+
+
 def muon(config: TrainConfig) -> optax.GradientTransformation:
     """Muon (Jordan et al. 2024): Nesterov momentum, orthogonalised by Newton-Schulz, per layer.
 
     Each leaf is (n_layer, d_in, d_out): the layer axis is a batch axis, so every layer's matrix
     is orthogonalised on its own, and q, k and v each on their own (split_qkv). Updates are
     scaled by sqrt(max(1, d_out/d_in)), as Muon's reference does, so wide and tall matrices take
-    comparable steps.
+    comparable steps. Switches: the momentum warmed up, Polar Express's coefficients, AOL's
+    first step, all same-shape matrices in one call (muon_batch_shapes), NorMuon.
     """
     per_layer = lambda updates: jax.tree.map(  # noqa: E731
         lambda _: optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2), updates)
     by_shape = lambda updates, params=None: jax.tree.map(  # noqa: E731
         lambda u: u * math.sqrt(max(1.0, u.shape[-1] / u.shape[-2])), updates)
-    return split_qkv(optax.chain(
-        optax.contrib.scale_by_muon(beta=config.muon_momentum, ns_steps=config.muon_ns_steps,
-                                    nesterov=True, weight_dimension_numbers=per_layer),
-        optax.stateless(by_shape),
-    ))
+    coeffs, steps = JORDAN, config.muon_ns_steps
+    if config.muon_ns_coeffs == "polar_express":
+        coeffs = POLAR_EXPRESS[:steps]
+
+    def orthogonalised(beta):
+        return optax.contrib.scale_by_muon(ns_coeffs=coeffs, beta=beta, ns_steps=steps,
+                                           nesterov=True, weight_dimension_numbers=per_layer,
+                                           preconditioning=config.muon_preconditioning)
+
+    momentum = orthogonalised(config.muon_momentum)
+    if config.muon_momentum_warmup:
+        momentum = momentum_warmup(orthogonalised, config.muon_momentum_start,
+                                   config.muon_momentum, config.muon_momentum_warmup)
+    if config.muon_batch_shapes:
+        momentum = batched_by_shape(momentum)
+    normed = [normuon(config.normuon_beta2)] if config.normuon else []
+    return split_qkv(optax.chain(momentum, *normed, optax.stateless(by_shape)))
+
+
+def momentum_warmup(make_muon, start: float, end: float, steps: int) -> optax.GradientTransformation:
+    """make_muon(beta)'s Muon with beta rising linearly from start to end over steps (the
+    speedrun's 0.85 -> 0.95 over 300): the state is optax's MuonState, its count the step."""
+
+    def update(updates, state, params=None):
+        beta = start + (end - start) * jnp.minimum(state.count / steps, 1.0)
+        return make_muon(beta).update(updates, state, params)
+
+    return optax.GradientTransformation(make_muon(end).init, update)
+
+
+def batched_by_shape(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """inner sees the matrices of every leaf that share a shape as one stack: {"blocks":
+    {"128x512": (16, 128, 512), ...}}, tall ones transposed to wide (Newton-Schulz transposes them
+    anyway), so it orthogonalises each shape in one call instead of one call per leaf. Each
+    matrix is still orthogonalised on its own: the same numbers, fewer and larger matmuls."""
+
+    def wide(a):
+        return a.swapaxes(-1, -2) if a.shape[-2] > a.shape[-1] else a
+
+    def key(a):
+        return "x".join(map(str, wide(a).shape[-2:]))
+
+    def view(tree):
+        stacks = {}
+        for a in jax.tree.leaves(tree):
+            stacks.setdefault(key(a), []).append(wide(a))
+        return {"blocks": {k: jnp.concatenate(v) for k, v in stacks.items()}}  # "blocks": a batch axis
+
+    def unview(stacks, like):
+        taken, out = {}, []
+        for a in jax.tree.leaves(like):
+            k, start = key(a), taken.get(key(a), 0)
+            taken[k] = start + a.shape[0]
+            part = stacks["blocks"][k][start:start + a.shape[0]]
+            out.append(part.swapaxes(-1, -2) if part.shape != a.shape else part)
+        return jax.tree.unflatten(jax.tree.structure(like), out)
+
+    def update(updates, state, params=None):
+        new, state = inner.update(view(updates), state, None if params is None else view(params))
+        return unview(new, updates), state
+
+    return optax.GradientTransformation(lambda params: inner.init(view(params)), update)
+
+
+class NorMuonState(NamedTuple):
+    nu: optax.Updates  # each neuron's mean square of the orthogonalised update, decayed
+
+
+def normuon_axis(a) -> int:
+    """The axis NorMuon averages over: the shorter side (along it an orthogonalised matrix's rows
+    all have norm 1 already), the input side of a square one; one statistic per neuron of the
+    longer side."""
+    return -1 if a.shape[-2] > a.shape[-1] else -2
+
+
+def normuon(beta2: float, eps: float = 1e-10) -> optax.GradientTransformation:
+    """NorMuon (Li et al. 2025), as the speedrun runs it: each neuron's slice of the orthogonalised
+    update divided by the root of its decayed mean square, then the matrix scaled back to the
+    Frobenius norm it had, so Muon's learning rate keeps its meaning."""
+
+    def init(params):
+        stat = lambda p: jnp.zeros(p.shape[:-2] + tuple(  # noqa: E731
+            1 if a == p.ndim + normuon_axis(p) else p.shape[a] for a in range(p.ndim - 2, p.ndim)))
+        return NorMuonState(jax.tree.map(stat, params))
+
+    def one(u, nu):
+        mean_square = jnp.mean(jnp.square(u), axis=normuon_axis(u), keepdims=True)
+        nu = beta2 * nu + (1 - beta2) * mean_square
+        normed = u * jax.lax.rsqrt(jnp.maximum(nu, eps))
+        norm = lambda a: jnp.sqrt(jnp.sum(jnp.square(a), axis=(-2, -1), keepdims=True))  # noqa: E731
+        return normed * (norm(u) / jnp.maximum(norm(normed), eps)), nu
+
+    def update(updates, state, params=None):
+        out = jax.tree.map(one, updates, state.nu)
+        pick = lambda i: jax.tree.map(lambda _, pair: pair[i], updates, out)  # noqa: E731
+        return pick(0), NorMuonState(pick(1))
+
+    return optax.GradientTransformation(init, update)
+
+
+def decayed_weights(decay: float, cautious: bool) -> optax.GradientTransformation:
+    """Decoupled weight decay, update + decay * param; cautious (Chen et al. 2025, the speedrun's):
+    only where the update and the param agree in sign, so decay never pulls against the update."""
+    if not cautious:
+        return optax.add_decayed_weights(decay)
+
+    def update(updates, state, params):
+        return jax.tree.map(lambda u, p: jnp.where(u * p >= 0, u + decay * p, u), updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def split_qkv(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -87,8 +233,8 @@ def split_qkv(inner: optax.GradientTransformation) -> optax.GradientTransformati
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """clip -> per label: Adam (or Muon) and decoupled weight decay -> scale by the scheduled lr.
 
-    One schedule for all: Muon's peak lr enters as its ratio to AdamW's, so both follow the same
-    warmup and cosine, and weight decay is weight_decay * lr(t) of each one's own lr.
+    One schedule for all: Muon's (and the head's) peak lr enters as its ratio to AdamW's, so all
+    follow the same warmup and decay, and weight decay is weight_decay * lr(t) of each one's own lr.
     """
     # Independent decay (Wortsman et al. 2023, "Small-scale proxies") wants weight_decay *
     # lr(t)/peak instead of weight_decay * lr(t): a constant divided by the peak.
@@ -96,12 +242,19 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.independent_weight_decay:
         adam_decay = config.weight_decay / config.learning_rate
         muon_decay = config.weight_decay / config.muon_learning_rate
+    decayed = lambda decay: decayed_weights(decay, config.cautious_weight_decay)  # noqa: E731
     adam = optax.scale_by_adam(b1=config.beta1, b2=config.beta2)
-    transforms = {"decay": optax.chain(adam, optax.add_decayed_weights(adam_decay)),
-                  "no_decay": adam}
+    transforms = {"decay": optax.chain(adam, decayed(adam_decay)), "no_decay": adam}
     if config.optimizer == "muon":
-        transforms["muon"] = optax.chain(muon(config), optax.add_decayed_weights(muon_decay),
+        transforms["muon"] = optax.chain(muon(config), decayed(muon_decay),
                                          optax.scale(config.muon_learning_rate / config.learning_rate))
+    if config.head_learning_rate:  # the speedrun's head: Adam (0.8, 0.95), eps 1e-10, its own lr
+        head_decay = config.weight_decay
+        if config.independent_weight_decay:
+            head_decay = config.weight_decay / config.head_learning_rate
+        transforms["head"] = optax.chain(
+            optax.scale_by_adam(b1=config.head_beta1, b2=config.head_beta2, eps=1e-10),
+            decayed(head_decay), optax.scale(config.head_learning_rate / config.learning_rate))
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
     by_label = optax.multi_transform(transforms, optimizer_labels(config))
     return optax.chain(clip, by_label, optax.scale_by_learning_rate(lr_schedule(config)))

@@ -79,6 +79,177 @@ def test_labels_give_muon_the_block_matrices_and_adamw_the_rest(architecture, ti
         assert ".blocks.attn.qkv.bias" in by_label["no_decay"]
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_an_untied_head_with_its_own_learning_rate_is_labelled_head(optimizer):
+    model = dataclasses.replace(TINY, tie_embeddings=False)
+    before = labels_by_path(TrainConfig(model=model, optimizer=optimizer))
+    labels = labels_by_path(TrainConfig(model=model, optimizer=optimizer, head_learning_rate=1e-3))
+    assert labels == {**before, ".lm_head": "head"}
+
+
+def test_the_heads_adam_has_its_own_betas_eps_and_learning_rate():
+    # Two steps on the head against Adam written out: betas (0.8, 0.95), eps 1e-10, peak 4e-3.
+    # Gradients near 1e-9, so that an eps of 1e-8 instead of 1e-10 would show.
+    config = TrainConfig(model=dataclasses.replace(TINY, tie_embeddings=False), optimizer="adamw",
+                         learning_rate=1e-3, head_learning_rate=4e-3, weight_decay=0.0,
+                         grad_clip=0.0, warmup_steps=0, max_steps=10, beta2=0.99)  # not the head's
+    shapes = eqx.filter(eqx.filter_eval_shape(GPT, config.model, key=jr.key(0)),
+                        lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape), shapes)  # no decay: the values do not enter
+    optimizer, schedule = optim.make_optimizer(config), optim.lr_schedule(config)
+    state, update = optimizer.init(params), jax.jit(optimizer.update)
+    m = v = np.zeros(params.lm_head.shape)
+    rng = np.random.default_rng(0)
+    for t in (1, 2):
+        grads = jax.tree.map(lambda p: 1e-9 * rng.standard_normal(p.shape, np.float32), params)
+        updates, state = update(grads, state, params)
+        g = np.asarray(grads.lm_head, np.float64)
+        m, v = 0.8 * m + 0.2 * g, 0.95 * v + 0.05 * g**2
+        adam = (m / (1 - 0.8**t)) / (np.sqrt(v / (1 - 0.95**t)) + 1e-10)
+        expected = -float(schedule(t - 1)) * 4.0 * adam
+        np.testing.assert_allclose(updates.lm_head, expected, rtol=2e-4, atol=1e-9)
+
+
+def test_wsd_schedule_warms_up_holds_then_cools_down_linearly():
+    config = TrainConfig(lr_schedule="wsd", learning_rate=1e-3, min_lr=1e-4, warmup_steps=10,
+                         max_steps=100, cooldown_frac=0.4)
+    schedule = optim.lr_schedule(config)
+    at = {0: 0.0, 5: 5e-4, 10: 1e-3, 35: 1e-3, 60: 1e-3, 80: 1e-4 + 9e-4 * 0.5, 100: 1e-4, 130: 1e-4}
+    np.testing.assert_allclose([float(schedule(s)) for s in at], list(at.values()), rtol=1e-6, atol=1e-12)
+    no_warmup = optim.lr_schedule(dataclasses.replace(config, warmup_steps=0))
+    assert float(no_warmup(0)) == pytest.approx(1e-3)
+    # lr_decay_steps is the schedule's length, as for the cosine
+    shorter = optim.lr_schedule(dataclasses.replace(config, lr_decay_steps=50))
+    assert float(shorter(40)) == pytest.approx(1e-4 + 9e-4 * 0.5) and float(shorter(60)) == pytest.approx(1e-4)
+
+
+def test_muon_momentum_warms_up_linearly_from_its_start():
+    # Muon's momentum buffer is beta * mu + (1 - beta) * g: with g = 1 its value tells beta's path.
+    config = TrainConfig(optimizer="muon", muon_momentum=0.9, muon_momentum_start=0.5,
+                         muon_momentum_warmup=4)
+    muon = optim.muon(config)
+    params = {"blocks": {"w": jnp.zeros((1, 8, 8))}}
+    state, mu, update = muon.init(params), 0.0, jax.jit(muon.update)
+    for step in range(6):
+        _, state = update({"blocks": {"w": jnp.ones((1, 8, 8))}}, state, params)
+        beta = 0.5 + 0.4 * min(step / 4, 1.0)
+        mu = beta * mu + (1 - beta)
+        np.testing.assert_allclose(state[0].mu["blocks"]["w"], mu, rtol=1e-6)
+
+
+def test_polar_express_as_optax_runs_it_is_the_speedruns_polar_express():
+    # The speedrun's definition written out in float64: X / (1.02 |X|_F), then one quintic per step.
+    x = np.asarray(jr.normal(jr.key(0), (32, 64)), np.float64)
+    reference = x / (np.linalg.norm(x) * 1.02 + 1e-6)
+    for a, b, c in optim._POLAR_EXPRESS:
+        gram = reference @ reference.T
+        reference = a * reference + (b * gram + c * gram @ gram) @ reference
+    muon = optim.muon(TrainConfig(optimizer="muon", muon_ns_coeffs="polar_express"))
+    params = {"blocks": {"w": jnp.zeros((1, 32, 64))}}
+    update, _ = muon.update({"blocks": {"w": jnp.asarray(x[None], jnp.float32)}}, muon.init(params), params)
+    np.testing.assert_allclose(update["blocks"]["w"][0] / np.sqrt(2), reference, atol=2e-4)  # sqrt(64/32)
+
+
+@pytest.mark.parametrize("coeffs", ["polar_express", "jordan"])
+def test_polar_express_reaches_singular_values_near_1_in_5_steps(coeffs):
+    # Singular values spread over 1e-2..1: Polar Express brings all of them within 15% of 1 in
+    # its 5 steps; Muon's one quintic leaves the smallest near 0.7 (its known [0.7, 1.2] band).
+    u, _ = jnp.linalg.qr(jr.normal(jr.key(0), (48, 48)))
+    v, _ = jnp.linalg.qr(jr.normal(jr.key(1), (48, 48)))
+    grad = (u * jnp.logspace(-2, 0, 48)) @ v.T
+    muon = optim.muon(TrainConfig(optimizer="muon", muon_ns_coeffs=coeffs))
+    params = {"blocks": {"w": jnp.zeros((1, 48, 48))}}
+    update, _ = muon.update({"blocks": {"w": grad[None]}}, muon.init(params), params)
+    singular_values = np.linalg.svd(np.asarray(update["blocks"]["w"][0]), compute_uv=False)
+    near_1 = 0.85 < singular_values.min() and singular_values.max() < 1.15
+    assert near_1 == (coeffs == "polar_express"), singular_values
+
+
+def test_normuon_evens_out_each_neurons_update_and_keeps_the_matrix_norm():
+    # One statistic per neuron of the longer side (the output side of a square matrix), decayed
+    # by beta2; each matrix keeps its Frobenius norm. Checked over two steps against the definition.
+    beta2 = 0.9
+    normuon = optim.normuon(beta2)
+    shapes = {"square": (2, 16, 16), "tall": (2, 48, 16), "wide": (2, 16, 48)}
+    updates = [{name: jr.normal(jr.key(step), shape) * jnp.linspace(0.1, 3.0, shape[-1])
+                * jnp.linspace(0.1, 3.0, shape[-2])[:, None] for name, shape in shapes.items()}
+               for step in range(2)]
+    state, update = normuon.init(updates[0]), jax.jit(normuon.update)
+    nu = {name: 0.0 for name in shapes}
+    for step in range(2):
+        out, state = update(updates[step], state)
+        for name, axis in (("square", -2), ("tall", -1), ("wide", -2)):
+            u = np.asarray(updates[step][name], np.float64)
+            nu[name] = beta2 * nu[name] + (1 - beta2) * np.mean(u**2, axis=axis, keepdims=True)
+            expected = u / np.sqrt(nu[name])
+            expected *= (np.linalg.norm(u, axis=(-2, -1), keepdims=True)
+                         / np.linalg.norm(expected, axis=(-2, -1), keepdims=True))
+            np.testing.assert_allclose(out[name], expected, rtol=1e-4)
+            np.testing.assert_allclose(np.linalg.norm(out[name], axis=(-2, -1)),
+                                       np.linalg.norm(u, axis=(-2, -1)), rtol=1e-5)
+    # on the first step every neuron comes out with the same norm
+    first, _ = update(updates[0], normuon.init(updates[0]))
+    for name, axis in (("square", -2), ("tall", -1), ("wide", -2)):
+        neuron_norms = np.linalg.norm(np.asarray(first[name]), axis=axis)
+        np.testing.assert_allclose(neuron_norms, np.broadcast_to(neuron_norms[..., :1], neuron_norms.shape),
+                                   rtol=1e-4)
+
+
+def test_cautious_weight_decay_leaves_disagreeing_entries_untouched():
+    updates, params = jr.normal(jr.key(0), (64,)), jr.normal(jr.key(1), (64,))
+    decayed, _ = optim.decayed_weights(0.1, cautious=True).update(updates, None, params)
+    agree = np.asarray(updates * params >= 0)
+    assert 10 < agree.sum() < 54  # both kinds of entries are there
+    np.testing.assert_array_equal(decayed[~agree], updates[~agree])
+    np.testing.assert_allclose(decayed[agree], (updates + 0.1 * params)[agree], rtol=1e-6)
+
+
+def block_grads(layers=2, d=16):
+    """Gradients of the shapes Muon sees: qkv fused, square, wide and tall."""
+    shapes = {"qkv": (layers, d, 3 * d), "proj": (layers, d, d), "fc": (layers, d, 4 * d),
+              "out": (layers, 4 * d, d)}
+    return {"blocks": {name: jr.normal(jr.key(i), shape) * (i + 1)
+                       for i, (name, shape) in enumerate(shapes.items())}}
+
+
+@pytest.mark.parametrize("switches", [{}, {"normuon": True, "muon_ns_coeffs": "polar_express"}])
+def test_batching_same_shape_matrices_orthogonalises_each_as_one_call_per_leaf_does(switches):
+    grads = block_grads()
+    params = jax.tree.map(jnp.zeros_like, grads)
+    results = []
+    for batched in (False, True):
+        muon = optim.muon(TrainConfig(optimizer="muon", muon_batch_shapes=batched, **switches))
+        state, steps = muon.init(params), []
+        for step in range(2):
+            update, state = jax.jit(muon.update)(jax.tree.map(lambda g: g * (step + 1), grads), state, params)
+            steps.append(update)
+        results.append(steps)
+    for apart, together in zip(*results):
+        for a, b in zip(jax.tree.leaves(apart), jax.tree.leaves(together)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # a batch of another size rounds its matmuls apart
+    if not switches:  # 3 x 2 square q, k, v + 2 square proj in one stack; fc and out (transposed) in another
+        stacks = optim.muon(TrainConfig(optimizer="muon", muon_batch_shapes=True)).init(params)[0]
+        assert {k: v.shape for k, v in stacks.mu["blocks"].items()} == {"16x16": (8, 16, 16),
+                                                                        "16x64": (4, 16, 64)}
+
+
+def test_aol_orthogonalises_in_4_steps_as_well_as_5_without_it():
+    # A square Gaussian has singular values near 0: 4 plain steps leave the smallest far below
+    # 5 steps' ~0.5; AOL's rescaled first step gets there in 4 (optax: "one step less").
+    grad = {"blocks": {"w": jr.normal(jr.key(3), (1, 128, 128))}}
+    params = jax.tree.map(jnp.zeros_like, grad)
+    smallest = {}
+    for preconditioning, steps in (("frobenius", 5), ("aol", 4), ("frobenius", 4)):
+        muon = optim.muon(TrainConfig(optimizer="muon", muon_preconditioning=preconditioning,
+                                      muon_ns_steps=steps))
+        update, _ = muon.update(grad, muon.init(params), params)
+        singular_values = np.linalg.svd(np.asarray(update["blocks"]["w"][0]), compute_uv=False)
+        assert singular_values.max() < 1.25, (preconditioning, steps, singular_values.max())
+        smallest[preconditioning, steps] = singular_values.min()
+    assert smallest["aol", 4] > 0.9 * smallest["frobenius", 5], smallest
+    assert smallest["frobenius", 4] < 0.5 * smallest["frobenius", 5], smallest
+
+
 def test_muon_orthogonalises_each_layer_on_its_own():
     # Two layers' gradients 10^4 apart in scale: orthogonalised per layer, both come out with
     # singular values near 1; orthogonalised as one stack, the small one would vanish. Tall
@@ -107,14 +278,15 @@ def test_muon_scales_wide_matrices_by_the_root_of_their_aspect_ratio():
 def test_each_label_decays_by_its_own_peak_learning_rate():
     # Zero gradients: what remains of each update is the decoupled weight decay, -lr * wd * param.
     config = TrainConfig(model=dataclasses.replace(TINY, tie_embeddings=False),
-                               optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.05,
-                               weight_decay=0.1, warmup_steps=0, max_steps=10)
+                         optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.05,
+                         weight_decay=0.1, warmup_steps=0, max_steps=10, head_learning_rate=4e-3)
     params = eqx.filter(GPT(config.model, key=jr.key(0)), eqx.is_array)
     optimizer = optim.make_optimizer(config)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zeros, optimizer.init(params), params)
     labels = optim.optimizer_labels(config)(params)
-    peak = {"muon": 0.05, "decay": 1e-3, "no_decay": 0.0}
+    assert set(jax.tree.leaves(labels)) == {"muon", "decay", "no_decay", "head"}
+    peak = {"muon": 0.05, "decay": 1e-3, "no_decay": 0.0, "head": 4e-3}
     for label, update, param in zip(jax.tree.leaves(labels), jax.tree.leaves(updates),
                                     jax.tree.leaves(params)):
         np.testing.assert_allclose(update, -peak[label] * 0.1 * param, rtol=1e-5, atol=1e-12)
@@ -191,10 +363,18 @@ def params_of(model) -> list[np.ndarray]:
     return [np.asarray(a) for a in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
 
 
+# Every optimizer state a switch adds (NorMuon's second moment, Polar Express's coefficients, the
+# same-shape stacks' momentum, the head's Adam) and every step-dependent setting (momentum warmup, wsd).
+NEW_STATES = ["--normuon=True", "--muon_ns_coeffs=polar_express", "--muon_batch_shapes=True",
+              "--muon_preconditioning=aol", "--muon_momentum_warmup=6", "--cautious_weight_decay=True",
+              "--lr_schedule=wsd", "--model.tie_embeddings=False", "--head_learning_rate=2e-3"]
+
+
 @pytest.mark.slow
-def test_a_resumed_muon_run_equals_an_uninterrupted_one_bit_for_bit(data_dir, tmp_path):
+@pytest.mark.parametrize("switches", [[], NEW_STATES], ids=["muon", "new_states"])
+def test_a_resumed_muon_run_equals_an_uninterrupted_one_bit_for_bit(data_dir, tmp_path, switches):
     config = run_config(data_dir, "--optimizer=muon", "--max_steps=8", "--lr_decay_steps=8",
-                        "--eval_interval=4")
+                        "--eval_interval=4", *switches)
     straight = train.train(config, tmp_path / "straight")
     train.train(dataclasses.replace(config, max_steps=4), tmp_path / "resumed")
     resumed = train.train(config, tmp_path / "resumed")
@@ -230,13 +410,22 @@ def test_relu_squared_mlp_computes_relu_x_squared():
 BAD = [("--muon_learning_rate=-0.02", "muon_learning_rate"), ("--muon_learning_rate=0", "muon_learning_rate"),
        ("--muon_momentum=1.0", "muon_momentum"), ("--optimizer=sgd", "optimizer"),
        ("--model.mlp_activation=swish", "mlp_activation"),
-       ("--target_val_loss=-1", "target_val_loss"), ("--muon_ns_steps=0", "muon_ns_steps")]
+       ("--target_val_loss=-1", "target_val_loss"), ("--muon_ns_steps=0", "muon_ns_steps"),
+       ("--lr_schedule=linear", "lr_schedule"), ("--cooldown_frac=0", "cooldown_frac"),
+       ("--cooldown_frac=1.5", "cooldown_frac"), ("--muon_momentum_warmup=-1", "muon_momentum_warmup"),
+       ("--muon_momentum_start=1", "muon_momentum_start"), ("--muon_ns_coeffs=cubic", "muon_ns_coeffs"),
+       ("--muon_ns_coeffs=polar_express --muon_ns_steps=6", "muon_ns_steps"),
+       ("--muon_preconditioning=spectral", "muon_preconditioning"),
+       ("--normuon_beta2=1", "normuon_beta2"), ("--head_learning_rate=-1", "head_learning_rate"),
+       ("--head_learning_rate=0.01", "head_learning_rate"),  # the config's head is tied
+       ("--head_beta1=1", "head_beta1"), ("--head_beta2=-0.5", "head_beta2")]
 
 
 @pytest.mark.parametrize("bad, field", BAD)
 def test_bad_optimizer_and_switch_values_are_refused_naming_the_field(bad, field):
-    with pytest.raises(train.UserError, match=f"{field}="):
-        cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig), [bad])
+    with pytest.raises(train.UserError, match=f"{field}=") as refused:
+        cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig), bad.split())
+    assert "\n" not in str(refused.value)
 
 
 @pytest.mark.slow
