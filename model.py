@@ -49,6 +49,13 @@ class GPTConfig:
     # relu2 (Primer; the speedrun's): a lower loss than GELU and a cheaper step on CPU
     # (BENCHMARKS.md "Model switches")
     mlp_activation: str = "gelu"  # "gelu" (tanh approximation, GPT-2) or "relu2": relu(x)**2
+    # The speedrun's shortcuts (KellerJordan/modded-nanogpt), each measured on its own in
+    # BENCHMARKS.md "The block's shortcuts"; off, the model is the one above, bit for bit
+    x0_shortcut: bool = False  # every block's input is a*x + b*x0, x0 the embeddings; a, b learned per block
+    value_embeds: bool = False  # token tables added into attention's values; block i and i + n_layer/2 share one
+    unet_skips: bool = False  # the last n_layer//2 blocks add, with learned weights, their mirror block's output
+    bigram_embed: bool = False  # a (previous token, token) table added to the embedding; vocab_size <= 512
+    zero_head: bool = False  # the untied head starts at zero (needs tie_embeddings=False)
 
     def __post_init__(self):
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
@@ -77,6 +84,13 @@ class GPTConfig:
             raise ValueError(f"mlp_activation={self.mlp_activation!r}: use 'gelu' or 'relu2'")
         if self.compute_dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"compute_dtype={self.compute_dtype!r}: use 'bfloat16', 'float32' or 'float16'")
+        if self.unet_skips and self.n_layer < 2:
+            raise ValueError(f"unet_skips=True needs n_layer >= 2 (n_layer={self.n_layer})")
+        if self.bigram_embed and self.vocab_size > 512:  # (vocab_size + 1) x vocab_size rows
+            raise ValueError(f"bigram_embed=True is for vocab_size <= 512 (a row per pair of "
+                             f"tokens); vocab_size={self.vocab_size} is too large")
+        if self.zero_head and self.tie_embeddings:
+            raise ValueError("zero_head=True needs tie_embeddings=False: a tied head is the embedding")
 
     @property
     def head_dim(self) -> int:
@@ -186,12 +200,13 @@ class KVCache(eqx.Module):
     k: Float[Array, "*layer block_size head head_dim"]  # in the compute dtype
     v: Float[Array, "*layer block_size head head_dim"]
     length: Int[Array, ""]  # slots [0, length) are filled; the rest are never attended to
+    last_token: Int[Array, ""] | None  # the token in slot length-1, -1 when empty: the bigram's context
 
 
 def empty_cache(config: GPTConfig) -> KVCache:
     shape = (config.n_layer, config.block_size, config.n_head, config.head_dim)
     zeros = jnp.zeros(shape, jnp.dtype(config.compute_dtype))
-    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32))
 
 
 def attention_implementation(config: GPTConfig, dtype) -> str:
@@ -209,6 +224,7 @@ class Attention(eqx.Module):
     proj: Linear
     q_norm: RMSNorm | None
     k_norm: RMSNorm | None
+    value_lambdas: Float[Array, "2"] | None  # value embeddings: v is lambdas[0] v + lambdas[1] ve
     config: GPTConfig = eqx.field(static=True)
 
     def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
@@ -219,16 +235,21 @@ class Attention(eqx.Module):
         self.proj = Linear(d, d, 0.02 / math.sqrt(2 * config.n_layer), config.bias, key=k_proj)
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.value_lambdas = jnp.array([0.5, 0.5]) if config.value_embeds else None  # the speedrun's
         self.config = config
 
     def __call__(
-        self, x: Float[Array, "seq d"], cos, sin, cache: KVCache | None = None, *, key=None
+        self, x: Float[Array, "seq d"], cos, sin, cache: KVCache | None = None, *,
+        value_embed: Float[Array, "seq d"] | None = None, key=None,
     ) -> tuple[Float[Array, "seq d"], KVCache | None]:
         """Causal self-attention over x; given one layer's cache, over the cached tokens and then x.
         Returns the output and the cache with x's keys and values written in (None without one).
-        cos is None: no RoPE (learned positions)."""
+        cos is None: no RoPE (learned positions). value_embed: x's tokens' rows of this layer's
+        value table (with config.value_embeds)."""
         seq, n_head, head_dim = x.shape[0], self.config.n_head, self.config.head_dim
         q, k, v = (t.reshape(seq, n_head, head_dim) for t in jnp.split(self.qkv(x), 3, axis=-1))
+        if self.value_lambdas is not None:  # each token's own vector into its value, learned mix
+            v = self.value_lambdas[0] * v + self.value_lambdas[1] * value_embed.reshape(v.shape)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
@@ -244,7 +265,7 @@ class Attention(eqx.Module):
             mask = causal_mask(queries, jnp.arange(k.shape[0]))
             # The XLA path: cuDNN's fused kernel is for causal training shapes, not a masked cache.
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-            cache = KVCache(k, v, cache.length + seq)
+            cache = KVCache(k, v, cache.length + seq, None)
         elif impl == "explicit" or rate > 0:  # jax's fused kernels take no dropout
             y = explicit_attention(q, k, v, causal_mask(queries, queries), rate, key)
         else:  # causal_mask(queries, queries) as the flag the fused kernels take (cuDNN then skips
@@ -302,6 +323,7 @@ class Block(eqx.Module):
     attn: Attention
     mlp_norm: RMSNorm | LayerNorm
     mlp: MLP
+    x0_lambdas: Float[Array, "2"] | None  # x0 shortcut: the block's input is lambdas[0] x + lambdas[1] x0
     dropout: float = eqx.field(static=True)
 
     def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
@@ -310,15 +332,20 @@ class Block(eqx.Module):
         self.attn = Attention(config, key=k_attn)
         self.mlp_norm = make_norm(config, config.n_embd)
         self.mlp = MLP(config, key=k_mlp)
+        self.x0_lambdas = jnp.array([1.0, 0.0]) if config.x0_shortcut else None  # starts without x0
         self.dropout = config.dropout
 
     def __call__(
-        self, x: Float[Array, "seq d"], cos, sin, cache: KVCache | None = None, *, key=None
+        self, x: Float[Array, "seq d"], cos, sin, cache: KVCache | None = None, *,
+        x0: Float[Array, "seq d"] | None = None, value_embed: Array | None = None, key=None,
     ) -> tuple[Float[Array, "seq d"], KVCache | None]:
         """Pre-norm attention then MLP, each added to the residual stream; the cache (this
-        layer's, or None) goes through the attention."""
+        layer's, or None) goes through the attention. x0: the embeddings that entered the first
+        block (the x0 shortcut's); value_embed: for the attention."""
         k_probs, k_attn, k_mlp = split_key(key, 3)
-        y, cache = self.attn(self.attn_norm(x), cos, sin, cache, key=k_probs)
+        if self.x0_lambdas is not None:  # the token's embedding within reach of every block
+            x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
+        y, cache = self.attn(self.attn_norm(x), cos, sin, cache, value_embed=value_embed, key=k_probs)
         x = x + dropout(y, self.dropout, k_attn)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, k_mlp)
         return x, cache
@@ -409,7 +436,12 @@ LOOKUP = {"lookup": True}
 class GPT(eqx.Module):
     embed: Float[Array, "vocab d"] = eqx.field(metadata=LOOKUP)
     pos_embed: Float[Array, "block d"] | None = eqx.field(metadata=LOOKUP)  # None with RoPE
+    # row (previous + 1) * vocab + token: the token after the one before it (-1: none before it)
+    bigram_embed: Float[Array, "pairs d"] | None = eqx.field(metadata=LOOKUP)
+    # value embeddings: block i reads table i % tables, so block i and block i + n_layer/2 share
+    value_embeds: Float[Array, "table vocab d"] | None = eqx.field(metadata=LOOKUP)
     blocks: Block  # stacked: a leading n_layer axis; in_block_stack (below) knows this name
+    skip_weights: Float[Array, " skips"] | None  # U-net: one per block of the last n_layer//2
     final_norm: RMSNorm | LayerNorm
     lm_head: Float[Array, "d vocab"] | None  # None when tied to embed
     config: GPTConfig = eqx.field(static=True)
@@ -418,20 +450,31 @@ class GPT(eqx.Module):
         if config.vocab_size < 1:  # 0 is "the data's": train.py resolves it from meta.json
             raise ValueError("vocab_size=0 (the data's) must be resolved before the model is made")
         k_embed, k_blocks, k_head = jr.split(key, 3)
-        k_pos = jr.fold_in(k_embed, 1)  # not a 4-way split: RoPE models keep their old init
-        self.embed = 0.02 * jr.normal(k_embed, (config.vocab_size, config.n_embd), jnp.float32)
+        # folded in, not a wider split: a model without these switches keeps its old init
+        k_pos, k_values = jr.fold_in(k_embed, 1), jr.fold_in(k_embed, 2)
+        vocab, d = config.vocab_size, config.n_embd
+        self.embed = 0.02 * jr.normal(k_embed, (vocab, d), jnp.float32)
         self.pos_embed = None
         if config.position_embedding == "learned":
-            shape = (config.block_size, config.n_embd)
-            self.pos_embed = 0.02 * jr.normal(k_pos, shape, jnp.float32)
+            self.pos_embed = 0.02 * jr.normal(k_pos, (config.block_size, d), jnp.float32)
+        # The speedrun's bigram table starts at zero: the model learns what the pairs add.
+        self.bigram_embed = None
+        if config.bigram_embed:
+            self.bigram_embed = jnp.zeros(((vocab + 1) * vocab, d), jnp.float32)
+        self.value_embeds = None
+        if config.value_embeds:  # the speedrun's pattern 012...012: the two halves share tables
+            shape = ((config.n_layer + 1) // 2, vocab, d)
+            self.value_embeds = 0.02 * jr.normal(k_values, shape, jnp.float32)
         make_block = lambda k: Block(config, key=k)  # noqa: E731
         self.blocks = eqx.filter_vmap(make_block)(jr.split(k_blocks, config.n_layer))
-        self.final_norm = make_norm(config, config.n_embd)
+        self.skip_weights = jnp.ones(config.n_layer // 2) if config.unet_skips else None
+        self.final_norm = make_norm(config, d)
         if config.tie_embeddings:
             self.lm_head = None
+        elif config.zero_head:  # the speedrun's: the first step's logits are uniform
+            self.lm_head = jnp.zeros((d, vocab), jnp.float32)
         else:
-            shape = (config.n_embd, config.vocab_size)
-            self.lm_head = 0.02 * jr.normal(k_head, shape, jnp.float32)
+            self.lm_head = 0.02 * jr.normal(k_head, (d, vocab), jnp.float32)
         self.config = config
 
     def __call__(
@@ -442,10 +485,12 @@ class GPT(eqx.Module):
         return self.logits(hidden[0]).astype(jnp.float32)
 
     def run_blocks(
-        self, x: Float[Array, "seq d"], cache: KVCache | None = None, *, key=None
+        self, x: Float[Array, "seq d"], value_embeds: Float[Array, "layer seq d"] | None = None,
+        cache: KVCache | None = None, *, key=None,
     ) -> tuple[Float[Array, "seq d"], KVCache | None]:
         """The blocks of `forward` for one sequence: adds positions to embedded tokens x, runs the
-        stack and final-norms. Given a cache, x continues the tokens it holds (positions start at
+        stack and final-norms. value_embeds: each block's rows of its value table (with
+        config.value_embeds). Given a cache, x continues the tokens it holds (positions start at
         cache.length) and it comes back with x's keys and values added."""
         config = self.config
         model = cast_floats(self, jnp.dtype(config.compute_dtype))
@@ -455,29 +500,50 @@ class GPT(eqx.Module):
         if model.pos_embed is not None:
             # A slice, not a lookup: its gradient is a sum over the batch, not a scatter-add.
             x = x + jax.lax.dynamic_slice_in_dim(model.pos_embed, start, x.shape[0])
-        x = dropout(x, config.dropout, k_embed)
+        x = x0 = dropout(x, config.dropout, k_embed)  # x0: what the x0 shortcut adds back in
         cos, sin = None, None
         if config.position_embedding == "rope":
             cos, sin = rope_table(start + jnp.arange(x.shape[0]), config.head_dim, config.rope_base)
+        if value_embeds is not None:
+            value_embeds = value_embeds.astype(x.dtype)
 
         block_params, block_static = eqx.partition(model.blocks, eqx.is_array)
         layer_keys = None if k_blocks is None else jr.split(k_blocks, config.n_layer)
         layer_kv = None if cache is None else (cache.k, cache.v)  # scanned with the parameters
 
-        def run_block(x, layer):  # one block, with its slices of the parameters, keys and cache
-            params, layer_key, kv = layer
-            cache_in = None if kv is None else KVCache(*kv, start)
-            x, cache_out = eqx.combine(params, block_static)(x, cos, sin, cache_in, key=layer_key)
-            return x, None if cache_out is None else (cache_out.k, cache_out.v)
+        def run_block(x, layer, keep_output=False):  # one block, with its slices of the parameters,
+            params, layer_key, kv, value_embed, skip = layer  # keys, cache, value rows, U-net skip
+            if skip is not None:  # U-net: the mirror block's output, with its learned weight
+                weight, earlier = skip
+                x = x + weight * earlier
+            cache_in = None if kv is None else KVCache(*kv, start, None)
+            x, cache_out = eqx.combine(params, block_static)(
+                x, cos, sin, cache_in, x0=x0, value_embed=value_embed, key=layer_key)
+            kv = None if cache_out is None else (cache_out.k, cache_out.v)
+            return x, (kv, x if keep_output else None)
 
-        if config.remat:
-            run_block = jax.checkpoint(run_block)
-        # Unrolled, XLA fuses across blocks and drops the scan's per-layer copies: faster on a GPU
-        # (BENCHMARKS.md, "The training step, GPT-2 124M"); still traced once per block.
-        layers = (block_params, layer_keys, layer_kv)
-        x, layer_kv = jax.lax.scan(run_block, x, layers, unroll=config.unroll_layers)
+        def scan_blocks(x, layers, keep_outputs=False):
+            step = functools.partial(run_block, keep_output=keep_outputs)
+            # Unrolled, XLA fuses across blocks and drops the scan's per-layer copies: faster on
+            # a GPU (BENCHMARKS.md, "The training step, GPT-2 124M"); still traced once per block.
+            return jax.lax.scan(jax.checkpoint(step) if config.remat else step, x, layers,
+                                unroll=config.unroll_layers)
+
+        layers = (block_params, layer_keys, layer_kv, value_embeds, None)
+        if not config.unet_skips:
+            x, (layer_kv, _) = scan_blocks(x, layers)
+        else:
+            # U-net (the speedrun's): block n_layer-1-i adds the output of block i, for the first
+            # n_layer//2 blocks. Two scans over the one block: the first keeps its outputs.
+            skips = config.n_layer // 2
+            first, last = (jax.tree.map(lambda a: a[part], layers)
+                           for part in (slice(None, -skips), slice(-skips, None)))
+            x, (kv_first, outputs) = scan_blocks(x, first, keep_outputs=True)
+            mirrored = (model.skip_weights, outputs[:skips][::-1])
+            x, (kv_last, _) = scan_blocks(x, (*last[:-1], mirrored))
+            layer_kv = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), kv_first, kv_last)
         if cache is not None:
-            cache = KVCache(*layer_kv, cache.length + x.shape[0])
+            cache = KVCache(*layer_kv, cache.length + x.shape[0], cache.last_token)
         return model.final_norm(x), cache
 
     def logits(self, x: Float[Array, "*seq d"]) -> Float[Array, "*seq vocab"]:
@@ -497,16 +563,31 @@ def forward(
     key: dropout (training). cache: one KVCache per sequence (a leading batch axis on k and v, one
     length for all); the tokens continue the ones it holds.
     """
-    x = embed(model.embed, tokens)  # over the whole batch: one sorted sum in the backward
+    # The lookups over the whole batch: one sorted sum for each table in the backward.
+    x = embed(model.embed, tokens)
+    if model.bigram_embed is not None:  # each token paired with the one before it (-1: none)
+        before = jnp.full(tokens.shape[:1], -1) if cache is None else cache.last_token
+        before = jnp.concatenate([before[:, None], tokens[:, :-1]], axis=1)
+        x = x + embed(model.bigram_embed, (before + 1) * model.config.vocab_size + tokens)
+    value_embeds = None
+    if model.value_embeds is not None:  # (batch, layer, seq, d): block i reads its table's rows
+        tables, vocab, d = model.value_embeds.shape
+        table_of_block = jnp.arange(model.config.n_layer) % tables
+        ids = tokens[:, None, :] + vocab * table_of_block[None, :, None]
+        value_embeds = embed(model.value_embeds.reshape(tables * vocab, d), ids)
     keys = None if key is None else jr.split(key, tokens.shape[0])
-    per_sequence = KVCache(0, 0, None)  # the vmapped axes of a cache: k and v, not its length
-    cache_axes = None if cache is None else per_sequence
+    # The vmapped axes of a cache: all but its length, which is one for all.
+    cache_axes = None if cache is None else KVCache(0, 0, None, 0)
 
-    def one(x, cache, key):
-        return model.run_blocks(x, cache, key=key)
+    def one(x, value_embeds, cache, key):
+        return model.run_blocks(x, value_embeds, cache, key=key)
 
-    return jax.vmap(one, in_axes=(0, cache_axes, None if key is None else 0),
-                    out_axes=(0, cache_axes))(x, cache, keys)
+    hidden, cache = jax.vmap(
+        one, in_axes=(0, None if value_embeds is None else 0, cache_axes, None if key is None else 0),
+        out_axes=(0, cache_axes))(x, value_embeds, cache, keys)
+    if cache is not None:
+        cache = KVCache(cache.k, cache.v, cache.length, tokens[:, -1])
+    return hidden, cache
 
 
 def token_losses(
@@ -549,9 +630,10 @@ def extend(
     a decode step is extend(model, token[None], cache). The caller keeps
     cache.length + seq <= block_size (a full cache would silently overwrite its last slots)."""
     model = cast_floats(model, jnp.dtype(model.config.compute_dtype))  # a no-op if already cast
-    batch_of_one = KVCache(cache.k[None], cache.v[None], cache.length)
+    batch_of_one = KVCache(cache.k[None], cache.v[None], cache.length, cache.last_token[None])
     hidden, cache = forward(model, tokens[None], batch_of_one)
-    return model.logits(hidden[0]).astype(jnp.float32), KVCache(cache.k[0], cache.v[0], cache.length)
+    one = KVCache(cache.k[0], cache.v[0], cache.length, cache.last_token[0])
+    return model.logits(hidden[0]).astype(jnp.float32), one
 
 
 # ---- Facts derived from the model itself: its parameter count, its FLOPs, its stacked arrays

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -27,6 +28,12 @@ value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss_fn))
 
 def tiny(**changes) -> GPTConfig:
     return dataclasses.replace(TINY, **changes)
+
+
+# The speedrun's shortcuts all at once, on five blocks: block 4 adds block 0's output, block 3
+# block 1's, the middle one none; blocks 0 and 3 share a value table, 1 and 4 another.
+SHORTCUTS = dict(x0_shortcut=True, value_embeds=True, unet_skips=True, bigram_embed=True,
+                 tie_embeddings=False, zero_head=True, n_layer=5)
 
 
 def random_tokens(key, shape, vocab=TINY.vocab_size):
@@ -120,7 +127,8 @@ def test_scan_over_blocks_equals_a_python_loop():
 
 def written_out(model: GPT, tokens):
     """The default architecture (RoPE, RMSNorm, QK-norm, GELU, tied head) in plain jnp, one layer
-    at a time, straight from the parameters: nothing shared with model.py's blocks."""
+    at a time, straight from the parameters: nothing shared with model.py's blocks. With the
+    speedrun's shortcuts as its train_gpt.py writes them (KellerJordan/modded-nanogpt)."""
     c, seq = model.config, tokens.shape[0]
     def rms(x, gain):
         return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + c.norm_eps) * gain
@@ -134,24 +142,38 @@ def written_out(model: GPT, tokens):
         return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
     x = model.embed[tokens]
+    if c.bigram_embed:  # a row for each (token before, token); the first has none before it
+        for t in range(seq):
+            before = int(tokens[t - 1]) if t > 0 else -1
+            x = x.at[t].add(model.bigram_embed[(before + 1) * c.vocab_size + int(tokens[t])])
+    x0, skips = x, []
     for i in range(c.n_layer):
         b = jax.tree.map(lambda a: a[i], model.blocks)
+        if c.unet_skips and i >= c.n_layer - c.n_layer // 2:  # the mirror block's output
+            x = x + model.skip_weights[i - (c.n_layer - c.n_layer // 2)] * skips[c.n_layer - 1 - i]
+        if c.x0_shortcut:
+            x = b.x0_lambdas[0] * x + b.x0_lambdas[1] * x0
         qkv = rms(x, b.attn_norm.weight) @ b.attn.qkv.weight
         q, k, v = (t.reshape(seq, c.n_head, c.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        if c.value_embeds:  # tables 0 1 ... 0 1 ...: block i and block i + n_layer/2 share one
+            table = model.value_embeds[i % ((c.n_layer + 1) // 2)]
+            v = b.attn.value_lambdas[0] * v + b.attn.value_lambdas[1] * table[tokens].reshape(v.shape)
         q, k = rope(rms(q, b.attn.q_norm.weight)), rope(rms(k, b.attn.k_norm.weight))
         scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(c.head_dim)
         scores = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), scores, -jnp.inf)
         y = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, axis=-1), v)
         x = x + y.reshape(seq, c.n_embd) @ b.attn.proj.weight
         x = x + jax.nn.gelu(rms(x, b.mlp_norm.weight) @ b.mlp.fc.weight) @ b.mlp.proj.weight
-    return rms(x, model.final_norm.weight) @ model.embed.T
+        skips.append(x)
+    return rms(x, model.final_norm.weight) @ (model.embed.T if c.tie_embeddings else model.lm_head)
 
 
+@pytest.mark.parametrize("switches", [{}, SHORTCUTS], ids=["default", "shortcuts"])
 @pytest.mark.parametrize("path", ["forward", "cached"])
-def test_the_blocks_equal_a_written_out_transformer_in_training_and_decoding(path):
+def test_the_blocks_equal_a_written_out_transformer_in_training_and_decoding(path, switches):
     # Training, prefill and decoding run the same Block: a bug in it (say, a residual dropped)
     # fails here through both paths, not only where a path was written out twice.
-    model = GPT(tiny(mlp_activation="gelu"), key=jr.key(0))
+    model = GPT(tiny(mlp_activation="gelu", **switches), key=jr.key(0))
     leaves, treedef = jax.tree.flatten(model)  # every parameter off its init: gains leave 1
     model = jax.tree.unflatten(treedef, [a + 0.1 * jr.normal(jr.key(i), a.shape)
                                          for i, a in enumerate(leaves)])
@@ -261,7 +283,9 @@ def test_124m_forward_runs_on_cpu():
 
 
 def test_gradients_are_finite_and_nonzero_for_every_parameter():
-    for config in (tiny(), tiny(tie_embeddings=False, dropout=0.1)):
+    # With the zero head nothing reaches the blocks at init: the shortcuts with a random head
+    shortcuts = tiny(**{**SHORTCUTS, "zero_head": False})
+    for config in (tiny(), tiny(tie_embeddings=False, dropout=0.1), shortcuts):
         model = GPT(config, key=jr.key(0))
         tokens = random_tokens(jr.key(1), (4, TINY.block_size))
         targets = random_tokens(jr.key(2), (4, TINY.block_size))
@@ -362,10 +386,93 @@ def test_explicit_attention_at_rate_zero_equals_the_fused_path():
 
 BAD_CONFIGS = [dict(n_embd=65), dict(attention="flash"), dict(compute_dtype="fp8"),
                dict(dropout=1.0), dict(attn_dropout=-0.1), dict(position_embedding="alibi"),
-               dict(norm="batch"), dict(norm_eps=0.0), dict(n_layer=0)]
+               dict(norm="batch"), dict(norm_eps=0.0), dict(n_layer=0),
+               dict(unet_skips=True, n_layer=1), dict(bigram_embed=True, vocab_size=50304),
+               dict(zero_head=True)]  # the head is tied by default
 
 
-@pytest.mark.parametrize("bad", BAD_CONFIGS)
-def test_bad_config_is_refused(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad", BAD_CONFIGS, ids=lambda bad: next(iter(bad)))
+def test_bad_config_is_refused_in_one_line_naming_the_field(bad):
+    with pytest.raises(ValueError, match=f"^{next(iter(bad))}=") as refused:
         tiny(**bad)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_zero_initialised_head_starts_at_zero():
+    model = GPT(tiny(tie_embeddings=False, zero_head=True), key=jr.key(0))
+    assert not np.any(np.asarray(model.lm_head))
+    tokens = random_tokens(jr.key(1), (2, TINY.block_size))
+    targets = random_tokens(jr.key(2), (2, TINY.block_size))
+    loss, grads = value_and_grad(model, tokens, targets)
+    np.testing.assert_allclose(loss, math.log(TINY.vocab_size), rtol=1e-6)  # uniform logits
+    # the first step moves the head only: through a zero head, nothing flows back
+    assert float(jnp.abs(grads.lm_head).max()) > 0
+    others = eqx.filter(eqx.tree_at(lambda m: m.lm_head, grads, None), eqx.is_array)
+    assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(others))
+
+
+def test_the_shortcuts_add_scalars_and_lookups_not_matmuls():
+    """num_params leaves the new lookup tables out of the non-embedding count; flops_per_token
+    finds no new matmul (the U-net's two scans count every block once)."""
+    L, V, d = SHORTCUTS["n_layer"], TINY.vocab_size, TINY.n_embd
+    plain = GPT(tiny(n_layer=L, tie_embeddings=False), key=jr.key(0))
+    shortcuts = GPT(tiny(**SHORTCUTS), key=jr.key(0))
+    scalars = 2 * L + 2 * L + L // 2  # x0 mix, value mix, U-net weights
+    tables = (V + 1) * V * d + (L + 1) // 2 * V * d  # bigram pairs, value tables
+    assert num_params(shortcuts, non_embedding=True) == num_params(plain, non_embedding=True) + scalars
+    assert num_params(shortcuts) == num_params(plain) + scalars + tables
+    assert flops_per_token(shortcuts.config) == flops_per_token(plain.config)
+    assert flops_per_token(tiny(n_layer=L, unet_skips=True)) == flops_per_token(tiny(n_layer=L))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_shortcuts_new_arrays_get_their_optimizer_labels(optimizer):
+    """Scalars take AdamW without decay, lookup tables and the head AdamW with it, as the
+    embedding does; only the blocks' matrices take Muon."""
+    from config import TrainConfig
+    from optim import optimizer_labels
+
+    params = eqx.filter(GPT(tiny(**SHORTCUTS), key=jr.key(0)), eqx.is_array)
+    labels = optimizer_labels(TrainConfig(model=tiny(**SHORTCUTS), optimizer=optimizer))(params)
+    by_path = {jax.tree_util.keystr(p): label for p, label in jax.tree_util.tree_leaves_with_path(labels)}
+    for path in (".skip_weights", ".blocks.x0_lambdas", ".blocks.attn.value_lambdas"):
+        assert by_path[path] == "no_decay", path
+    for path in (".bigram_embed", ".value_embeds", ".lm_head", ".embed"):
+        assert by_path[path] == "decay", path
+    matrices = {p for p in by_path if p.startswith(".blocks") and p.endswith(".weight")
+                and "norm" not in p}
+    assert {p for p, label in by_path.items() if label == "muon"} == \
+        (matrices if optimizer == "muon" else set())
+
+
+@pytest.mark.slow
+def test_a_run_with_the_shortcuts_resumes_bit_for_bit_and_cannot_drop_one(tmp_path, shakespeare_input):
+    """Their arrays and their optimizer state come back from a checkpoint; a resume that turns
+    a shortcut off would be another model, and is refused naming it."""
+    import subprocess
+    import sys
+
+    import cli
+    import train
+    from config import TrainConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    data_dir = tmp_path / "data"
+    subprocess.run([sys.executable, "prepare_shakespeare.py", "--input", str(shakespeare_input),
+                    "--out_dir", str(data_dir)], cwd=repo, check=True, capture_output=True)
+    overrides = [f"--data_dir={data_dir}", "--model.n_embd=32", "--model.n_head=2",
+                 "--model.block_size=16", "--batch_size=4", "--eval_iters=1", "--log_interval=1",
+                 "--warmup_steps=2", "--max_steps=6", "--lr_decay_steps=6", "--eval_interval=3",
+                 *(f"--model.{name}={value}" for name, value in SHORTCUTS.items())]
+    config = cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig), overrides)
+    straight = train.train(config, tmp_path / "straight")
+    train.train(dataclasses.replace(config, max_steps=3), tmp_path / "resumed")
+    resumed = train.train(config, tmp_path / "resumed")
+    assert "resuming at step 3" in (tmp_path / "resumed" / "log.txt").read_text()
+    arrays = lambda m: jax.tree.leaves(eqx.filter(m, eqx.is_array))  # noqa: E731
+    assert resumed.bigram_embed is not None and len(arrays(resumed)) == len(arrays(straight))
+    for a, b in zip(arrays(straight), arrays(resumed)):
+        np.testing.assert_array_equal(a, b)
+    without = dataclasses.replace(config, model=dataclasses.replace(config.model, x0_shortcut=False))
+    with pytest.raises(cli.UserError, match=r"model\.x0_shortcut"):
+        train.train(without, tmp_path / "resumed")

@@ -38,8 +38,16 @@ ARCHITECTURES = [
     dict(qk_norm=False),
     dict(tie_embeddings=False),
     dict(mlp_activation="relu2"),
+    dict(x0_shortcut=True),
+    dict(value_embeds=True, n_layer=3),  # blocks 0 and 2 share a table, block 1 has its own
+    dict(unet_skips=True, n_layer=3),  # block 2 adds block 0's output; block 1 has no skip
+    dict(bigram_embed=True),
+    dict(tie_embeddings=False, zero_head=True),
     GPT2_ARCHITECTURE,  # all of GPT-2's settings at once
 ]
+# The speedrun's shortcuts all at once: decoding past block_size must still equal the forward.
+SHORTCUTS = dict(x0_shortcut=True, value_embeds=True, unet_skips=True, bigram_embed=True,
+                 tie_embeddings=False, zero_head=True)
 # Each way the forward computes attention: jax's XLA call, the explicit written-out one (the
 # CPU default), and that one as training with attn_dropout takes it (forced below with its
 # dropout off, so it must agree exactly).
@@ -61,6 +69,14 @@ def small_block_model() -> GPT:
     # one token (copies of one token hide decoding bugs: attention cannot count them).
     model = GPT(dataclasses.replace(TINY, block_size=16), key=jr.key(1))
     return jax.tree.map(lambda a: 4 * a, model)
+
+
+@pytest.fixture(scope="module")
+def small_block_shortcuts() -> GPT:
+    """As small_block_model, with every shortcut on and moved off its init (the zero head and
+    the zero bigram table would otherwise hide them)."""
+    model = GPT(dataclasses.replace(TINY, block_size=16, n_layer=3, **SHORTCUTS), key=jr.key(1))
+    return jax.tree.map(lambda a: 4 * a, perturbed(model, jr.key(2)))
 
 
 def perturbed(model: GPT, key) -> GPT:
@@ -124,11 +140,14 @@ def test_evaluation_scores_the_model_that_training_trains(architecture):
     np.testing.assert_allclose(float(sums.sum() / counts.sum()), float(training), rtol=1e-6)
 
 
-@pytest.mark.parametrize("prompt_len", [3, 20])  # 20 > block_size: the prompt is cut
-def test_generation_past_block_size_sees_exactly_the_cached_tokens(small_block_model, prompt_len):
+@pytest.mark.parametrize("prompt_len, model_name", [  # 20 > block_size: the prompt is cut
+    (3, "small_block_model"), (20, "small_block_model"), (20, "small_block_shortcuts")])
+def test_generation_past_block_size_sees_exactly_the_cached_tokens(request, prompt_len, model_name):
     """2.5 x block_size sampled tokens: every step's logits are those of a fresh forward over the
-    tokens the cache holds (re-prefilled from the last block_size//2 when it fills up)."""
-    model, block = small_block_model, small_block_model.config.block_size
+    tokens the cache holds (re-prefilled from the last block_size//2 when it fills up): with the
+    bigram embedding, the first token of a rebuilt cache has no token before it, as in a forward."""
+    model = request.getfixturevalue(model_name)
+    block = model.config.block_size
     new = 5 * block // 2
     prompt = jr.randint(jr.key(3), (prompt_len,), 0, TINY.vocab_size)
     tokens, logits = generate_jit(model, prompt, jr.key(0), new, temperature=1.0,
