@@ -21,12 +21,10 @@ class TrainConfig:
     # optimizer: AdamW (or Muon for the block matrices), warmup then cosine decay to min_lr
     optimizer: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW elsewhere
     learning_rate: float = 6e-4  # peak learning rate (of AdamW)
-    min_lr: float = 6e-5  # learning rate at the end of the cosine (or of wsd's cooldown)
+    min_lr: float = 6e-5  # learning rate at the end of the cosine
     warmup_steps: int = 2000  # linear warmup from 0
     max_steps: int = 600000  # steps to train for
-    lr_decay_steps: int = 0  # length of the whole schedule (warmup + decay); 0 means max_steps
-    lr_schedule: str = "cosine"  # "cosine", or "wsd": warmup, constant, linear cooldown to min_lr
-    cooldown_frac: float = 0.5  # wsd: the last fraction of the schedule that cools down
+    lr_decay_steps: int = 0  # length of warmup + cosine; 0 means max_steps
     weight_decay: float = 0.1  # applied to matrices only
     independent_weight_decay: bool = False  # scale decay by lr/learning_rate (Wortsman 2023)
     beta1: float = 0.9  # AdamW first-moment decay
@@ -37,7 +35,6 @@ class TrainConfig:
     muon_ns_steps: int = 5  # Newton-Schulz iterations that orthogonalise each update
     muon_momentum_warmup: int = 0  # steps from muon_momentum_start up to muon_momentum; 0: off
     muon_momentum_start: float = 0.85  # Muon's momentum at step 0 when muon_momentum_warmup > 0
-    muon_ns_coeffs: str = "jordan"  # "jordan": one (a, b, c) for all steps; "polar_express": one per step
     muon_preconditioning: str = "frobenius"  # "aol": a row-rescaled first step (optax), one step less
     muon_batch_shapes: bool = False  # all layers' same-shape matrices in one Newton-Schulz call
     normuon: bool = False  # NorMuon: Muon's update evened out per neuron by a second moment
@@ -92,16 +89,10 @@ class TrainConfig:
                      "head_beta1", "head_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
-        choices = {"lr_schedule": ("cosine", "wsd"), "muon_ns_coeffs": ("jordan", "polar_express"),
-                   "muon_preconditioning": ("frobenius", "aol")}
+        choices = {"muon_preconditioning": ("frobenius", "aol")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use {' or '.join(map(repr, allowed))}")
-        if not 0 < self.cooldown_frac <= 1:
-            raise ValueError(f"cooldown_frac={self.cooldown_frac}: must be in (0, 1]")
-        if self.muon_ns_coeffs == "polar_express" and self.muon_ns_steps > 5:
-            raise ValueError(f"muon_ns_steps={self.muon_ns_steps}: Polar Express has coefficients "
-                             "for 5 steps at most")
         if self.head_learning_rate and self.model.tie_embeddings:
             raise ValueError(f"head_learning_rate={self.head_learning_rate}: needs an untied head "
                              "(model.tie_embeddings=False)")

@@ -49,11 +49,9 @@ class GPTConfig:
     # relu2 (Primer; the speedrun's): a lower loss than GELU and a cheaper step on CPU
     # (BENCHMARKS.md "Model switches")
     mlp_activation: str = "gelu"  # "gelu" (tanh approximation, GPT-2) or "relu2": relu(x)**2
-    # The speedrun's shortcuts (KellerJordan/modded-nanogpt), each measured on its own in
-    # BENCHMARKS.md "The block's shortcuts"; off, the model is the one above, bit for bit
-    x0_shortcut: bool = False  # every block's input is a*x + b*x0, x0 the embeddings; a, b learned per block
+    # The speedrun's shortcuts (KellerJordan/modded-nanogpt) that paid on two corpora and two
+    # seeds (BENCHMARKS.md "The recipe's third round"); off, the model is the one above, bit for bit
     value_embeds: bool = False  # token tables added into attention's values; block i and i + n_layer/2 share one
-    unet_skips: bool = False  # the last n_layer//2 blocks add, with learned weights, their mirror block's output
     bigram_embed: bool = False  # a (previous token, token) table added to the embedding; vocab_size <= 512
     zero_head: bool = False  # the untied head starts at zero (needs tie_embeddings=False)
 
@@ -84,8 +82,6 @@ class GPTConfig:
             raise ValueError(f"mlp_activation={self.mlp_activation!r}: use 'gelu' or 'relu2'")
         if self.compute_dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"compute_dtype={self.compute_dtype!r}: use 'bfloat16', 'float32' or 'float16'")
-        if self.unet_skips and self.n_layer < 2:
-            raise ValueError(f"unet_skips=True needs n_layer >= 2 (n_layer={self.n_layer})")
         if self.bigram_embed and self.vocab_size > 512:  # (vocab_size + 1) x vocab_size rows
             raise ValueError(f"bigram_embed=True is for vocab_size <= 512 (a row per pair of "
                              f"tokens); vocab_size={self.vocab_size} is too large")
@@ -323,7 +319,6 @@ class Block(eqx.Module):
     attn: Attention
     mlp_norm: RMSNorm | LayerNorm
     mlp: MLP
-    x0_lambdas: Float[Array, "2"] | None  # x0 shortcut: the block's input is lambdas[0] x + lambdas[1] x0
     dropout: float = eqx.field(static=True)
 
     def __init__(self, config: GPTConfig, *, key: PRNGKeyArray):
@@ -332,19 +327,15 @@ class Block(eqx.Module):
         self.attn = Attention(config, key=k_attn)
         self.mlp_norm = make_norm(config, config.n_embd)
         self.mlp = MLP(config, key=k_mlp)
-        self.x0_lambdas = jnp.array([1.0, 0.0]) if config.x0_shortcut else None  # starts without x0
         self.dropout = config.dropout
 
     def __call__(
         self, x: Float[Array, "seq d"], cos, sin, cache: KVCache | None = None, *,
-        x0: Float[Array, "seq d"] | None = None, value_embed: Array | None = None, key=None,
+        value_embed: Array | None = None, key=None,
     ) -> tuple[Float[Array, "seq d"], KVCache | None]:
         """Pre-norm attention then MLP, each added to the residual stream; the cache (this
-        layer's, or None) goes through the attention. x0: the embeddings that entered the first
-        block (the x0 shortcut's); value_embed: for the attention."""
+        layer's, or None) goes through the attention. value_embed: for the attention."""
         k_probs, k_attn, k_mlp = split_key(key, 3)
-        if self.x0_lambdas is not None:  # the token's embedding within reach of every block
-            x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
         y, cache = self.attn(self.attn_norm(x), cos, sin, cache, value_embed=value_embed, key=k_probs)
         x = x + dropout(y, self.dropout, k_attn)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, k_mlp)
@@ -441,7 +432,6 @@ class GPT(eqx.Module):
     # value embeddings: block i reads table i % tables, so block i and block i + n_layer/2 share
     value_embeds: Float[Array, "table vocab d"] | None = eqx.field(metadata=LOOKUP)
     blocks: Block  # stacked: a leading n_layer axis; in_block_stack (below) knows this name
-    skip_weights: Float[Array, " skips"] | None  # U-net: one per block of the last n_layer//2
     final_norm: RMSNorm | LayerNorm
     lm_head: Float[Array, "d vocab"] | None  # None when tied to embed
     config: GPTConfig = eqx.field(static=True)
@@ -467,7 +457,6 @@ class GPT(eqx.Module):
             self.value_embeds = 0.02 * jr.normal(k_values, shape, jnp.float32)
         make_block = lambda k: Block(config, key=k)  # noqa: E731
         self.blocks = eqx.filter_vmap(make_block)(jr.split(k_blocks, config.n_layer))
-        self.skip_weights = jnp.ones(config.n_layer // 2) if config.unet_skips else None
         self.final_norm = make_norm(config, d)
         if config.tie_embeddings:
             self.lm_head = None
@@ -500,7 +489,7 @@ class GPT(eqx.Module):
         if model.pos_embed is not None:
             # A slice, not a lookup: its gradient is a sum over the batch, not a scatter-add.
             x = x + jax.lax.dynamic_slice_in_dim(model.pos_embed, start, x.shape[0])
-        x = x0 = dropout(x, config.dropout, k_embed)  # x0: what the x0 shortcut adds back in
+        x = dropout(x, config.dropout, k_embed)
         cos, sin = None, None
         if config.position_embedding == "rope":
             cos, sin = rope_table(start + jnp.arange(x.shape[0]), config.head_dim, config.rope_base)
@@ -511,37 +500,19 @@ class GPT(eqx.Module):
         layer_keys = None if k_blocks is None else jr.split(k_blocks, config.n_layer)
         layer_kv = None if cache is None else (cache.k, cache.v)  # scanned with the parameters
 
-        def run_block(x, layer, keep_output=False):  # one block, with its slices of the parameters,
-            params, layer_key, kv, value_embed, skip = layer  # keys, cache, value rows, U-net skip
-            if skip is not None:  # U-net: the mirror block's output, with its learned weight
-                weight, earlier = skip
-                x = x + weight * earlier
+        def run_block(x, layer):  # one block, with its slices of the parameters, keys, cache
+            params, layer_key, kv, value_embed = layer  # and value rows
             cache_in = None if kv is None else KVCache(*kv, start, None)
             x, cache_out = eqx.combine(params, block_static)(
-                x, cos, sin, cache_in, x0=x0, value_embed=value_embed, key=layer_key)
-            kv = None if cache_out is None else (cache_out.k, cache_out.v)
-            return x, (kv, x if keep_output else None)
+                x, cos, sin, cache_in, value_embed=value_embed, key=layer_key)
+            return x, None if cache_out is None else (cache_out.k, cache_out.v)
 
-        def scan_blocks(x, layers, keep_outputs=False):
-            step = functools.partial(run_block, keep_output=keep_outputs)
-            # Unrolled, XLA fuses across blocks and drops the scan's per-layer copies: faster on
-            # a GPU (BENCHMARKS.md, "The training step, GPT-2 124M"); still traced once per block.
-            return jax.lax.scan(jax.checkpoint(step) if config.remat else step, x, layers,
-                                unroll=config.unroll_layers)
-
-        layers = (block_params, layer_keys, layer_kv, value_embeds, None)
-        if not config.unet_skips:
-            x, (layer_kv, _) = scan_blocks(x, layers)
-        else:
-            # U-net (the speedrun's): block n_layer-1-i adds the output of block i, for the first
-            # n_layer//2 blocks. Two scans over the one block: the first keeps its outputs.
-            skips = config.n_layer // 2
-            first, last = (jax.tree.map(lambda a: a[part], layers)
-                           for part in (slice(None, -skips), slice(-skips, None)))
-            x, (kv_first, outputs) = scan_blocks(x, first, keep_outputs=True)
-            mirrored = (model.skip_weights, outputs[:skips][::-1])
-            x, (kv_last, _) = scan_blocks(x, (*last[:-1], mirrored))
-            layer_kv = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), kv_first, kv_last)
+        if config.remat:
+            run_block = jax.checkpoint(run_block)
+        # Unrolled, XLA fuses across blocks and drops the scan's per-layer copies: faster on a GPU
+        # (BENCHMARKS.md, "The training step, GPT-2 124M"); still traced once per block.
+        layers = (block_params, layer_keys, layer_kv, value_embeds)
+        x, layer_kv = jax.lax.scan(run_block, x, layers, unroll=config.unroll_layers)
         if cache is not None:
             cache = KVCache(*layer_kv, cache.length + x.shape[0], cache.last_token)
         return model.final_norm(x), cache

@@ -4,8 +4,8 @@ as "change the model" is model.py; train.py only calls make_optimizer and lr_sch
 
 AdamW everywhere by default, decay on matrices only; with optimizer="muon", the blocks' matrices
 take Muon (Jordan et al. 2024) and the rest AdamW, all under one warmup + cosine schedule. The
-speedrun's later steps (KellerJordan/modded-nanogpt) are switches: the wsd schedule, Muon's
-momentum warmup, Polar Express, NorMuon, cautious weight decay, the untied head's own Adam.
+speedrun's later steps (KellerJordan/modded-nanogpt) that paid are switches (BENCHMARKS.md "The
+recipe's third round").
 """
 
 import math
@@ -37,9 +37,6 @@ def optimizer_labels(config: TrainConfig):
 
 def lr_schedule(config: TrainConfig) -> optax.Schedule:
     decay_steps = config.lr_decay_steps or config.max_steps
-    if config.lr_schedule == "wsd":
-        return wsd_schedule(config.learning_rate, config.min_lr, config.warmup_steps, decay_steps,
-                            config.cooldown_frac)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
@@ -49,55 +46,22 @@ def lr_schedule(config: TrainConfig) -> optax.Schedule:
     )
 
 
-def wsd_schedule(peak: float, end_value: float, warmup_steps: int, total_steps: int,
-                 cooldown_frac: float) -> optax.Schedule:
-    """Warmup, stable, decay (the speedrun's): linear from 0 to the peak over warmup_steps, the
-    peak, then linear down to end_value over the last cooldown_frac of total_steps, end_value
-    after. Where a short run's warmup and cooldown overlap, the lower of the two lines."""
-    cooldown = max(1, round(cooldown_frac * total_steps))
-
-    def schedule(step):
-        warm = jnp.minimum(1.0, step / warmup_steps) if warmup_steps else 1.0
-        cool = jnp.clip((total_steps - step) / cooldown, 0.0, 1.0)
-        return jnp.minimum(peak * warm, end_value + (peak - end_value) * cool)
-
-    return schedule
-
-
-# Polar Express (Amsel et al. 2025): one (a, b, c) per Newton-Schulz step, as the speedrun runs
-# them on X / (1.02 |X|_F). optax divides by |X|_F alone, so the first step carries the 1.02:
-# a p(x / s) = (a / s) x + (b / s^3) x^3 + (c / s^5) x^5.
-_POLAR_EXPRESS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
-POLAR_EXPRESS = ((_POLAR_EXPRESS[0][0] / 1.02, _POLAR_EXPRESS[0][1] / 1.02**3,
-                  _POLAR_EXPRESS[0][2] / 1.02**5),) + _POLAR_EXPRESS[1:]
-JORDAN = (3.4445, -4.7750, 2.0315)  # Muon's one quintic for every step (optax's default)
-
-
 def muon(config: TrainConfig) -> optax.GradientTransformation:
     """Muon (Jordan et al. 2024): Nesterov momentum, orthogonalised by Newton-Schulz, per layer.
 
     Each leaf is (n_layer, d_in, d_out): the layer axis is a batch axis, so every layer's matrix
     is orthogonalised on its own, and q, k and v each on their own (split_qkv). Updates are
     scaled by sqrt(max(1, d_out/d_in)), as Muon's reference does, so wide and tall matrices take
-    comparable steps. Switches: the momentum warmed up, Polar Express's coefficients, AOL's
-    first step, all same-shape matrices in one call (muon_batch_shapes), NorMuon.
+    comparable steps. Switches: AOL's first step, all same-shape matrices in one call
+    (muon_batch_shapes), NorMuon.
     """
     per_layer = lambda updates: jax.tree.map(  # noqa: E731
         lambda _: optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2), updates)
     by_shape = lambda updates, params=None: jax.tree.map(  # noqa: E731
         lambda u: u * math.sqrt(max(1.0, u.shape[-1] / u.shape[-2])), updates)
-    coeffs, steps = JORDAN, config.muon_ns_steps
-    if config.muon_ns_coeffs == "polar_express":
-        coeffs = POLAR_EXPRESS[:steps]
 
     def orthogonalised(beta):
-        return optax.contrib.scale_by_muon(ns_coeffs=coeffs, beta=beta, ns_steps=steps,
+        return optax.contrib.scale_by_muon(beta=beta, ns_steps=config.muon_ns_steps,
                                            nesterov=True, weight_dimension_numbers=per_layer,
                                            preconditioning=config.muon_preconditioning)
 

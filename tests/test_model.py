@@ -30,10 +30,10 @@ def tiny(**changes) -> GPTConfig:
     return dataclasses.replace(TINY, **changes)
 
 
-# The speedrun's shortcuts all at once, on five blocks: block 4 adds block 0's output, block 3
-# block 1's, the middle one none; blocks 0 and 3 share a value table, 1 and 4 another.
-SHORTCUTS = dict(x0_shortcut=True, value_embeds=True, unet_skips=True, bigram_embed=True,
-                 tie_embeddings=False, zero_head=True, n_layer=5)
+# The speedrun's shortcuts all at once, on five blocks: blocks 0 and 3 share a value table, 1
+# and 4 another, 2 its own.
+SHORTCUTS = dict(value_embeds=True, bigram_embed=True, tie_embeddings=False, zero_head=True,
+                 n_layer=5)
 
 
 def random_tokens(key, shape, vocab=TINY.vocab_size):
@@ -146,13 +146,8 @@ def written_out(model: GPT, tokens):
         for t in range(seq):
             before = int(tokens[t - 1]) if t > 0 else -1
             x = x.at[t].add(model.bigram_embed[(before + 1) * c.vocab_size + int(tokens[t])])
-    x0, skips = x, []
     for i in range(c.n_layer):
         b = jax.tree.map(lambda a: a[i], model.blocks)
-        if c.unet_skips and i >= c.n_layer - c.n_layer // 2:  # the mirror block's output
-            x = x + model.skip_weights[i - (c.n_layer - c.n_layer // 2)] * skips[c.n_layer - 1 - i]
-        if c.x0_shortcut:
-            x = b.x0_lambdas[0] * x + b.x0_lambdas[1] * x0
         qkv = rms(x, b.attn_norm.weight) @ b.attn.qkv.weight
         q, k, v = (t.reshape(seq, c.n_head, c.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         if c.value_embeds:  # tables 0 1 ... 0 1 ...: block i and block i + n_layer/2 share one
@@ -164,7 +159,6 @@ def written_out(model: GPT, tokens):
         y = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, axis=-1), v)
         x = x + y.reshape(seq, c.n_embd) @ b.attn.proj.weight
         x = x + jax.nn.gelu(rms(x, b.mlp_norm.weight) @ b.mlp.fc.weight) @ b.mlp.proj.weight
-        skips.append(x)
     return rms(x, model.final_norm.weight) @ (model.embed.T if c.tie_embeddings else model.lm_head)
 
 
@@ -387,7 +381,7 @@ def test_explicit_attention_at_rate_zero_equals_the_fused_path():
 BAD_CONFIGS = [dict(n_embd=65), dict(attention="flash"), dict(compute_dtype="fp8"),
                dict(dropout=1.0), dict(attn_dropout=-0.1), dict(position_embedding="alibi"),
                dict(norm="batch"), dict(norm_eps=0.0), dict(n_layer=0),
-               dict(unet_skips=True, n_layer=1), dict(bigram_embed=True, vocab_size=50304),
+               dict(bigram_embed=True, vocab_size=50304),
                dict(zero_head=True)]  # the head is tied by default
 
 
@@ -413,16 +407,15 @@ def test_a_zero_initialised_head_starts_at_zero():
 
 def test_the_shortcuts_add_scalars_and_lookups_not_matmuls():
     """num_params leaves the new lookup tables out of the non-embedding count; flops_per_token
-    finds no new matmul (the U-net's two scans count every block once)."""
+    finds no new matmul."""
     L, V, d = SHORTCUTS["n_layer"], TINY.vocab_size, TINY.n_embd
     plain = GPT(tiny(n_layer=L, tie_embeddings=False), key=jr.key(0))
     shortcuts = GPT(tiny(**SHORTCUTS), key=jr.key(0))
-    scalars = 2 * L + 2 * L + L // 2  # x0 mix, value mix, U-net weights
+    scalars = 2 * L  # the value mix
     tables = (V + 1) * V * d + (L + 1) // 2 * V * d  # bigram pairs, value tables
     assert num_params(shortcuts, non_embedding=True) == num_params(plain, non_embedding=True) + scalars
     assert num_params(shortcuts) == num_params(plain) + scalars + tables
     assert flops_per_token(shortcuts.config) == flops_per_token(plain.config)
-    assert flops_per_token(tiny(n_layer=L, unet_skips=True)) == flops_per_token(tiny(n_layer=L))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -435,7 +428,7 @@ def test_the_shortcuts_new_arrays_get_their_optimizer_labels(optimizer):
     params = eqx.filter(GPT(tiny(**SHORTCUTS), key=jr.key(0)), eqx.is_array)
     labels = optimizer_labels(TrainConfig(model=tiny(**SHORTCUTS), optimizer=optimizer))(params)
     by_path = {jax.tree_util.keystr(p): label for p, label in jax.tree_util.tree_leaves_with_path(labels)}
-    for path in (".skip_weights", ".blocks.x0_lambdas", ".blocks.attn.value_lambdas"):
+    for path in (".blocks.attn.value_lambdas",):
         assert by_path[path] == "no_decay", path
     for path in (".bigram_embed", ".value_embeds", ".lm_head", ".embed"):
         assert by_path[path] == "decay", path
@@ -473,6 +466,6 @@ def test_a_run_with_the_shortcuts_resumes_bit_for_bit_and_cannot_drop_one(tmp_pa
     assert resumed.bigram_embed is not None and len(arrays(resumed)) == len(arrays(straight))
     for a, b in zip(arrays(straight), arrays(resumed)):
         np.testing.assert_array_equal(a, b)
-    without = dataclasses.replace(config, model=dataclasses.replace(config.model, x0_shortcut=False))
-    with pytest.raises(cli.UserError, match=r"model\.x0_shortcut"):
+    without = dataclasses.replace(config, model=dataclasses.replace(config.model, value_embeds=False))
+    with pytest.raises(cli.UserError, match=r"model\.value_embeds"):
         train.train(without, tmp_path / "resumed")

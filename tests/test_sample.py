@@ -38,16 +38,13 @@ ARCHITECTURES = [
     dict(qk_norm=False),
     dict(tie_embeddings=False),
     dict(mlp_activation="relu2"),
-    dict(x0_shortcut=True),
     dict(value_embeds=True, n_layer=3),  # blocks 0 and 2 share a table, block 1 has its own
-    dict(unet_skips=True, n_layer=3),  # block 2 adds block 0's output; block 1 has no skip
     dict(bigram_embed=True),
     dict(tie_embeddings=False, zero_head=True),
     GPT2_ARCHITECTURE,  # all of GPT-2's settings at once
 ]
 # The speedrun's shortcuts all at once: decoding past block_size must still equal the forward.
-SHORTCUTS = dict(x0_shortcut=True, value_embeds=True, unet_skips=True, bigram_embed=True,
-                 tie_embeddings=False, zero_head=True)
+SHORTCUTS = dict(value_embeds=True, bigram_embed=True, tie_embeddings=False, zero_head=True)
 # Each way the forward computes attention: jax's XLA call, the explicit written-out one (the
 # CPU default), and that one as training with attn_dropout takes it (forced below with its
 # dropout off, so it must agree exactly).
