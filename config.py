@@ -33,16 +33,9 @@ class TrainConfig:
     muon_learning_rate: float = 0.02  # Muon's peak lr; its schedule has AdamW's shape
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     muon_ns_steps: int = 5  # Newton-Schulz iterations that orthogonalise each update
-    muon_momentum_warmup: int = 0  # steps from muon_momentum_start up to muon_momentum; 0: off
-    muon_momentum_start: float = 0.85  # Muon's momentum at step 0 when muon_momentum_warmup > 0
     muon_preconditioning: str = "frobenius"  # "aol": a row-rescaled first step (optax), one step less
-    muon_batch_shapes: bool = False  # all layers' same-shape matrices in one Newton-Schulz call
     normuon: bool = False  # NorMuon: Muon's update evened out per neuron by a second moment
     normuon_beta2: float = 0.95  # NorMuon's second-moment decay
-    cautious_weight_decay: bool = False  # decay only where the update and the weight agree in sign
-    head_learning_rate: float = 0.0  # untied head: its own AdamW peak lr; 0: like other matrices
-    head_beta1: float = 0.8  # the head's Adam beta1 with head_learning_rate > 0 (the speedrun's)
-    head_beta2: float = 0.95  # the head's Adam beta2 (its eps is the speedrun's 1e-10)
     # devices: mesh axes ("data", "fsdp"); data * fsdp devices are used
     data_parallel: int = 1  # size of the "data" axis (pure replication)
     fsdp: int = -1  # size of the "fsdp" axis; -1 means all devices left
@@ -65,13 +58,12 @@ class TrainConfig:
         at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "warmup_steps": 0,
                     "lr_decay_steps": 0, "data_parallel": 1, "fsdp_min_size": 0,
                     "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
-                    "keep_checkpoints": 1, "seed": 0, "profile_steps": 1, "muon_ns_steps": 1,
-                    "muon_momentum_warmup": 0}
+                    "keep_checkpoints": 1, "seed": 0, "profile_steps": 1, "muon_ns_steps": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= {low}")
         for name in ("learning_rate", "weight_decay", "grad_clip", "min_lr", "muon_learning_rate",
-                     "target_val_loss", "head_learning_rate"):
+                     "target_val_loss"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be a number >= 0")
         if self.seed >= 2**63:  # jax.random.key takes a signed 64-bit seed
@@ -85,17 +77,13 @@ class TrainConfig:
             raise ValueError(f"optimizer={self.optimizer!r}: use 'adamw' or 'muon'")
         if self.muon_learning_rate == 0:
             raise ValueError("muon_learning_rate=0: must be > 0")
-        for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_start", "normuon_beta2",
-                     "head_beta1", "head_beta2"):
+        for name in ("beta1", "beta2", "muon_momentum", "normuon_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
         choices = {"muon_preconditioning": ("frobenius", "aol")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use {' or '.join(map(repr, allowed))}")
-        if self.head_learning_rate and self.model.tie_embeddings:
-            raise ValueError(f"head_learning_rate={self.head_learning_rate}: needs an untied head "
-                             "(model.tie_embeddings=False)")
         if self.fsdp != -1 and self.fsdp < 1:
             raise ValueError(f"fsdp={self.fsdp}: must be >= 1, or -1 for all devices left")
 

@@ -53,7 +53,6 @@ class GPTConfig:
     # seeds (BENCHMARKS.md "The recipe's third round"); off, the model is the one above, bit for bit
     value_embeds: bool = False  # token tables added into attention's values; block i and i + n_layer/2 share one
     bigram_embed: bool = False  # a (previous token, token) table added to the embedding; vocab_size <= 512
-    zero_head: bool = False  # the untied head starts at zero (needs tie_embeddings=False)
 
     def __post_init__(self):
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
@@ -85,8 +84,6 @@ class GPTConfig:
         if self.bigram_embed and self.vocab_size > 512:  # (vocab_size + 1) x vocab_size rows
             raise ValueError(f"bigram_embed=True is for vocab_size <= 512 (a row per pair of "
                              f"tokens); vocab_size={self.vocab_size} is too large")
-        if self.zero_head and self.tie_embeddings:
-            raise ValueError("zero_head=True needs tie_embeddings=False: a tied head is the embedding")
 
     @property
     def head_dim(self) -> int:
@@ -460,8 +457,6 @@ class GPT(eqx.Module):
         self.final_norm = make_norm(config, d)
         if config.tie_embeddings:
             self.lm_head = None
-        elif config.zero_head:  # the speedrun's: the first step's logits are uniform
-            self.lm_head = jnp.zeros((d, vocab), jnp.float32)
         else:
             self.lm_head = 0.02 * jr.normal(k_head, (d, vocab), jnp.float32)
         self.config = config

@@ -21,15 +21,12 @@ from model import in_block_stack, names_on
 
 def optimizer_labels(config: TrainConfig):
     """A function of the params: 'muon' for the blocks' matrices when config.optimizer is "muon",
-    'head' for the untied head when it has its own head_learning_rate, 'decay' for every other
-    matrix (ndim >= 2 in the unstacked model), 'no_decay' for norm gains and biases. A GPT is
-    itself callable, so optax needs a function here, not a tree."""
+    'decay' for every other matrix (ndim >= 2 in the unstacked model), 'no_decay' for norm gains
+    and biases. A GPT is itself callable, so optax needs a function here, not a tree."""
 
     def label(path, leaf):
         if leaf.ndim - in_block_stack(path) < 2:
             return "no_decay"
-        if config.head_learning_rate and "lm_head" in names_on(path):
-            return "head"
         return "muon" if config.optimizer == "muon" and in_block_stack(path) else "decay"
 
     return lambda params: jax.tree_util.tree_map_with_path(label, params)
@@ -52,72 +49,17 @@ def muon(config: TrainConfig) -> optax.GradientTransformation:
     Each leaf is (n_layer, d_in, d_out): the layer axis is a batch axis, so every layer's matrix
     is orthogonalised on its own, and q, k and v each on their own (split_qkv). Updates are
     scaled by sqrt(max(1, d_out/d_in)), as Muon's reference does, so wide and tall matrices take
-    comparable steps. Switches: AOL's first step, all same-shape matrices in one call
-    (muon_batch_shapes), NorMuon.
+    comparable steps. Switches: AOL's first step, NorMuon.
     """
     per_layer = lambda updates: jax.tree.map(  # noqa: E731
         lambda _: optax.contrib.MuonDimensionNumbers(reduction_axis=1, output_axis=2), updates)
     by_shape = lambda updates, params=None: jax.tree.map(  # noqa: E731
         lambda u: u * math.sqrt(max(1.0, u.shape[-1] / u.shape[-2])), updates)
-
-    def orthogonalised(beta):
-        return optax.contrib.scale_by_muon(beta=beta, ns_steps=config.muon_ns_steps,
-                                           nesterov=True, weight_dimension_numbers=per_layer,
-                                           preconditioning=config.muon_preconditioning)
-
-    momentum = orthogonalised(config.muon_momentum)
-    if config.muon_momentum_warmup:
-        momentum = momentum_warmup(orthogonalised, config.muon_momentum_start,
-                                   config.muon_momentum, config.muon_momentum_warmup)
-    if config.muon_batch_shapes:
-        momentum = batched_by_shape(momentum)
+    momentum = optax.contrib.scale_by_muon(
+        beta=config.muon_momentum, ns_steps=config.muon_ns_steps, nesterov=True,
+        weight_dimension_numbers=per_layer, preconditioning=config.muon_preconditioning)
     normed = [normuon(config.normuon_beta2)] if config.normuon else []
     return split_qkv(optax.chain(momentum, *normed, optax.stateless(by_shape)))
-
-
-def momentum_warmup(make_muon, start: float, end: float, steps: int) -> optax.GradientTransformation:
-    """make_muon(beta)'s Muon with beta rising linearly from start to end over steps (the
-    speedrun's 0.85 -> 0.95 over 300): the state is optax's MuonState, its count the step."""
-
-    def update(updates, state, params=None):
-        beta = start + (end - start) * jnp.minimum(state.count / steps, 1.0)
-        return make_muon(beta).update(updates, state, params)
-
-    return optax.GradientTransformation(make_muon(end).init, update)
-
-
-def batched_by_shape(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """inner sees the matrices of every leaf that share a shape as one stack: {"blocks":
-    {"128x512": (16, 128, 512), ...}}, tall ones transposed to wide (Newton-Schulz transposes them
-    anyway), so it orthogonalises each shape in one call instead of one call per leaf. Each
-    matrix is still orthogonalised on its own: the same numbers, fewer and larger matmuls."""
-
-    def wide(a):
-        return a.swapaxes(-1, -2) if a.shape[-2] > a.shape[-1] else a
-
-    def key(a):
-        return "x".join(map(str, wide(a).shape[-2:]))
-
-    def view(tree):
-        stacks = {}
-        for a in jax.tree.leaves(tree):
-            stacks.setdefault(key(a), []).append(wide(a))
-        return {"blocks": {k: jnp.concatenate(v) for k, v in stacks.items()}}  # "blocks": a batch axis
-
-    def unview(stacks, like):
-        taken, out = {}, []
-        for a in jax.tree.leaves(like):
-            k, start = key(a), taken.get(key(a), 0)
-            taken[k] = start + a.shape[0]
-            part = stacks["blocks"][k][start:start + a.shape[0]]
-            out.append(part.swapaxes(-1, -2) if part.shape != a.shape else part)
-        return jax.tree.unflatten(jax.tree.structure(like), out)
-
-    def update(updates, state, params=None):
-        new, state = inner.update(view(updates), state, None if params is None else view(params))
-        return unview(new, updates), state
-
-    return optax.GradientTransformation(lambda params: inner.init(view(params)), update)
 
 
 class NorMuonState(NamedTuple):
@@ -156,18 +98,6 @@ def normuon(beta2: float, eps: float = 1e-10) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def decayed_weights(decay: float, cautious: bool) -> optax.GradientTransformation:
-    """Decoupled weight decay, update + decay * param; cautious (Chen et al. 2025, the speedrun's):
-    only where the update and the param agree in sign, so decay never pulls against the update."""
-    if not cautious:
-        return optax.add_decayed_weights(decay)
-
-    def update(updates, state, params):
-        return jax.tree.map(lambda u, p: jnp.where(u * p >= 0, u + decay * p, u), updates, params), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update)
-
-
 def split_qkv(inner: optax.GradientTransformation) -> optax.GradientTransformation:
     """inner sees each fused (layer, d, 3d) qkv array as (3 * layer, d, d): q, k and v apart.
     They are three maps, not one: orthogonalised apart they train to a lower loss on both corpora
@@ -197,8 +127,8 @@ def split_qkv(inner: optax.GradientTransformation) -> optax.GradientTransformati
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """clip -> per label: Adam (or Muon) and decoupled weight decay -> scale by the scheduled lr.
 
-    One schedule for all: Muon's (and the head's) peak lr enters as its ratio to AdamW's, so all
-    follow the same warmup and decay, and weight decay is weight_decay * lr(t) of each one's own lr.
+    One schedule for all: Muon's peak lr enters as its ratio to AdamW's, so both follow the same
+    warmup and cosine, and weight decay is weight_decay * lr(t) of each one's own lr.
     """
     # Independent decay (Wortsman et al. 2023, "Small-scale proxies") wants weight_decay *
     # lr(t)/peak instead of weight_decay * lr(t): a constant divided by the peak.
@@ -206,19 +136,12 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.independent_weight_decay:
         adam_decay = config.weight_decay / config.learning_rate
         muon_decay = config.weight_decay / config.muon_learning_rate
-    decayed = lambda decay: decayed_weights(decay, config.cautious_weight_decay)  # noqa: E731
     adam = optax.scale_by_adam(b1=config.beta1, b2=config.beta2)
-    transforms = {"decay": optax.chain(adam, decayed(adam_decay)), "no_decay": adam}
+    transforms = {"decay": optax.chain(adam, optax.add_decayed_weights(adam_decay)),
+                  "no_decay": adam}
     if config.optimizer == "muon":
-        transforms["muon"] = optax.chain(muon(config), decayed(muon_decay),
+        transforms["muon"] = optax.chain(muon(config), optax.add_decayed_weights(muon_decay),
                                          optax.scale(config.muon_learning_rate / config.learning_rate))
-    if config.head_learning_rate:  # the speedrun's head: Adam (0.8, 0.95), eps 1e-10, its own lr
-        head_decay = config.weight_decay
-        if config.independent_weight_decay:
-            head_decay = config.weight_decay / config.head_learning_rate
-        transforms["head"] = optax.chain(
-            optax.scale_by_adam(b1=config.head_beta1, b2=config.head_beta2, eps=1e-10),
-            decayed(head_decay), optax.scale(config.head_learning_rate / config.learning_rate))
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
     by_label = optax.multi_transform(transforms, optimizer_labels(config))
     return optax.chain(clip, by_label, optax.scale_by_learning_rate(lr_schedule(config)))

@@ -13,6 +13,10 @@ config = TrainConfig(
         compute_dtype="float32",  # CPUs have no fast bf16 matmul: float32 is quicker here
         remat=True,  # on XLA:CPU recomputing a block beats storing its activations (BENCHMARKS.md)
         unroll_layers=False,  # unrolled, the CPU step took ~25% longer (GPUs gain: BENCHMARKS.md)
+        # the speedrun's value embeddings and a bigram table: each lowered val at step 2000 on two
+        # corpora and two seeds (BENCHMARKS.md "The recipe's third round")
+        value_embeds=True,
+        bigram_embed=True,
     ),
     batch_size=12,
     # Muon on the blocks' matrices: orthogonalised updates move every direction of a matrix, and
@@ -20,6 +24,9 @@ config = TrainConfig(
     optimizer="muon",
     muon_learning_rate=0.01,  # the best peak of the ones measured (BENCHMARKS.md "Muon")
     muon_momentum=0.9,  # a shorter memory suits 768 tokens a step: lower val (BENCHMARKS.md)
+    normuon=True,  # NorMuon: lower val on both corpora and seeds (BENCHMARKS.md "third round")
+    muon_preconditioning="aol",  # AOL's first step: 4 iterations do the work of 5 (optax)
+    muon_ns_steps=4,
     learning_rate=1e-3,  # AdamW's, for the embedding and the norm gains
     min_lr=1e-4,
     # a short warmup: Muon's steps are bounded by construction, and the early steps are the ones

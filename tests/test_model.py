@@ -32,8 +32,7 @@ def tiny(**changes) -> GPTConfig:
 
 # The speedrun's shortcuts all at once, on five blocks: blocks 0 and 3 share a value table, 1
 # and 4 another, 2 its own.
-SHORTCUTS = dict(value_embeds=True, bigram_embed=True, tie_embeddings=False, zero_head=True,
-                 n_layer=5)
+SHORTCUTS = dict(value_embeds=True, bigram_embed=True, tie_embeddings=False, n_layer=5)
 
 
 def random_tokens(key, shape, vocab=TINY.vocab_size):
@@ -277,9 +276,7 @@ def test_124m_forward_runs_on_cpu():
 
 
 def test_gradients_are_finite_and_nonzero_for_every_parameter():
-    # With the zero head nothing reaches the blocks at init: the shortcuts with a random head
-    shortcuts = tiny(**{**SHORTCUTS, "zero_head": False})
-    for config in (tiny(), tiny(tie_embeddings=False, dropout=0.1), shortcuts):
+    for config in (tiny(), tiny(tie_embeddings=False, dropout=0.1), tiny(**SHORTCUTS)):
         model = GPT(config, key=jr.key(0))
         tokens = random_tokens(jr.key(1), (4, TINY.block_size))
         targets = random_tokens(jr.key(2), (4, TINY.block_size))
@@ -381,8 +378,7 @@ def test_explicit_attention_at_rate_zero_equals_the_fused_path():
 BAD_CONFIGS = [dict(n_embd=65), dict(attention="flash"), dict(compute_dtype="fp8"),
                dict(dropout=1.0), dict(attn_dropout=-0.1), dict(position_embedding="alibi"),
                dict(norm="batch"), dict(norm_eps=0.0), dict(n_layer=0),
-               dict(bigram_embed=True, vocab_size=50304),
-               dict(zero_head=True)]  # the head is tied by default
+               dict(bigram_embed=True, vocab_size=50304)]
 
 
 @pytest.mark.parametrize("bad", BAD_CONFIGS, ids=lambda bad: next(iter(bad)))
@@ -390,19 +386,6 @@ def test_bad_config_is_refused_in_one_line_naming_the_field(bad):
     with pytest.raises(ValueError, match=f"^{next(iter(bad))}=") as refused:
         tiny(**bad)
     assert "\n" not in str(refused.value)
-
-
-def test_a_zero_initialised_head_starts_at_zero():
-    model = GPT(tiny(tie_embeddings=False, zero_head=True), key=jr.key(0))
-    assert not np.any(np.asarray(model.lm_head))
-    tokens = random_tokens(jr.key(1), (2, TINY.block_size))
-    targets = random_tokens(jr.key(2), (2, TINY.block_size))
-    loss, grads = value_and_grad(model, tokens, targets)
-    np.testing.assert_allclose(loss, math.log(TINY.vocab_size), rtol=1e-6)  # uniform logits
-    # the first step moves the head only: through a zero head, nothing flows back
-    assert float(jnp.abs(grads.lm_head).max()) > 0
-    others = eqx.filter(eqx.tree_at(lambda m: m.lm_head, grads, None), eqx.is_array)
-    assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(others))
 
 
 def test_the_shortcuts_add_scalars_and_lookups_not_matmuls():

@@ -40,11 +40,10 @@ ARCHITECTURES = [
     dict(mlp_activation="relu2"),
     dict(value_embeds=True, n_layer=3),  # blocks 0 and 2 share a table, block 1 has its own
     dict(bigram_embed=True),
-    dict(tie_embeddings=False, zero_head=True),
     GPT2_ARCHITECTURE,  # all of GPT-2's settings at once
 ]
 # The speedrun's shortcuts all at once: decoding past block_size must still equal the forward.
-SHORTCUTS = dict(value_embeds=True, bigram_embed=True, tie_embeddings=False, zero_head=True)
+SHORTCUTS = dict(value_embeds=True, bigram_embed=True, tie_embeddings=False)
 # Each way the forward computes attention: jax's XLA call, the explicit written-out one (the
 # CPU default), and that one as training with attn_dropout takes it (forced below with its
 # dropout off, so it must agree exactly).
@@ -155,7 +154,9 @@ def test_generation_past_block_size_sees_exactly_the_cached_tokens(request, prom
     for i in range(new):
         padded = jnp.zeros(block, jnp.int32).at[: len(window)].set(jnp.asarray(window))
         expected = forward(model, padded)[len(window) - 1]  # causal: the padding is not seen
-        np.testing.assert_allclose(logits[i], expected, atol=1e-4, rtol=0, err_msg=f"step {i}")
+        # float32, the cache's sums in another order than the forward's: logits up to ~20 (the
+        # weights x4) agree to 3e-4 (seen: at most 1.6e-4); a decoding bug moves them by ~1
+        np.testing.assert_allclose(logits[i], expected, atol=3e-4, rtol=0, err_msg=f"step {i}")
         if len(window) == block:
             window, rebuilds = window[len(window) - block // 2 + 1 :], rebuilds + 1
         window.append(int(tokens[i]))
