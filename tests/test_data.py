@@ -254,3 +254,16 @@ def test_prefetch_passes_errors_to_the_consumer(tokens):
         thread.join(timeout=2)
         assert not thread.is_alive()
     assert s.state_dict()["step"] == 0
+
+
+@pytest.mark.parametrize("example_length", [None, 4])
+def test_every_window_and_every_whole_example_can_be_drawn(example_length):
+    # 12 tokens, block_size 3: the windows of 4 tokens start at 0..8, the examples of 4 at 0, 4, 8.
+    # The first token of each row is its start: over 20 batches of 64 rows every start shows up.
+    sampler = BatchSampler(np.arange(12, dtype=np.uint16), 3, 64, example_length=example_length)
+    starts = set()
+    for step in range(20):
+        x, y = sampler.batch(step)
+        starts |= set(x[0, :, 0].tolist())
+        np.testing.assert_array_equal(y, x + 1)  # each row is one contiguous window
+    assert starts == ({0, 4, 8} if example_length else set(range(9)))
