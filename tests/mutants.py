@@ -191,7 +191,7 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="run the mutants whose name starts with this")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
-    parser.add_argument("--out", default=str(REPO / "tests" / "mutants_result.md"))
+    parser.add_argument("--out", default=str(REPO / "tests" / "mutants.md"))
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if m[0].startswith(args.only)]
     if args.list:
