@@ -92,11 +92,11 @@ MUTANTS = [
      "nu = (1 - beta2) * nu + beta2 * mean_square", OPTIM),
     # sharding.py
     ("sharding.layer_axis_sharded", "sharding.py", "first = 1 if in_block_stack(path) else 0", "first = 0",
-     ["tests/test_train.py", "tests/test_optimizer.py"]),
+     ["tests/test_sharding.py", "tests/test_train.py", "tests/test_optimizer.py"]),
     ("sharding.smallest_axis", "sharding.py", "axis = max(axes, key=lambda a: shape[a])", "axis = min(axes, key=lambda a: shape[a])",
-     ["tests/test_train.py", "tests/test_optimizer.py"]),
+     ["tests/test_sharding.py", "tests/test_train.py", "tests/test_optimizer.py"]),
     ("sharding.min_size_ignored", "sharding.py", "if n_shards == 1 or math.prod(shape) < min_size or not axes:",
-     "if n_shards == 1 or not axes:", ["tests/test_train.py", "tests/test_optimizer.py"]),
+     "if n_shards == 1 or not axes:", ["tests/test_sharding.py", "tests/test_train.py", "tests/test_optimizer.py"]),
     # train.py
     ("train.dropout_key_fixed", "train.py", "key = jr.fold_in(jr.wrap_key_data(key_data), step)",
      "key = jr.wrap_key_data(key_data)", TRAIN),
