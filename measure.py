@@ -63,7 +63,7 @@ def benchmark(config: TrainConfig, steps: int, warmup: int, tokens: np.ndarray,
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
     model = eqx.combine(params, static)
-    train_step = train.make_train_step(config, optimizer, abstract_params)
+    train_step = train.make_train_step(config, optimizer, abstract_params, abstract_opt)
 
     # The batches train.py would draw (seed 1337), made before timing: the host's sampling is
     # not the step's cost (the training loop prefetches it in a thread).

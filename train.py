@@ -68,9 +68,9 @@ def init_state(config: TrainConfig, abstract_params, abstract_opt, optimizer):
 # The step
 
 
-def make_train_step(config: TrainConfig, optimizer, abstract_params):
+def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_opt):
     schedule = lr_schedule(config)
-    param_shardings = shardings_of(abstract_params)
+    param_shardings, opt_shardings = shardings_of(abstract_params), shardings_of(abstract_opt)
 
     @eqx.filter_jit(donate="all")
     def train_step(model, opt_state, tokens, targets, step, key_data):
@@ -96,6 +96,9 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params):
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         model = eqx.apply_updates(model, updates)
+        # The optimizer state keeps the FSDP rule's placement (XLA would split some small arrays it
+        # was given whole): step 2's inputs match step 1's, so the step is compiled once, not twice.
+        opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings)
         grad_norm = optax.tree_utils.tree_norm(grads)
         metrics = {"loss": losses.mean(), "grad_norm": grad_norm, "lr": schedule(step)}
         return model, opt_state, metrics
@@ -336,8 +339,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 print(f"nothing to do: {rundir} is at step {start} of max_steps={config.max_steps} "
                       "(raise --max_steps to train on)", flush=True)
             return model
-        abstract_params, _, _, optimizer = abstract
-        train_step = make_train_step(config, optimizer, abstract_params)
+        abstract_params, abstract_opt, _, optimizer = abstract
+        train_step = make_train_step(config, optimizer, abstract_params, abstract_opt)
         if stop_requested(start, manager) == "SIGINT":  # Ctrl-C while restoring: nothing to keep
             raise KeyboardInterrupt
         log, scalar, bar = stack.enter_context(run_outputs(config, rundir, meta, data_files, start,

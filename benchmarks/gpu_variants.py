@@ -113,6 +113,15 @@ def rmsnorm_apply_in_compute_dtype(self, x):  # float32 statistics, the scaling 
     return x * scale.astype(x.dtype) * self.weight.astype(x.dtype)
 
 
+def apply_rope_without_concatenates(x, cos, sin):  # the halves as an axis of 2, swapped by a reversal
+    seq, heads, head_dim = x.shape
+    half = head_dim // 2
+    pairs = x.astype(jnp.float32).reshape(seq, heads, 2, half)  # [x1, x2]
+    rotated = pairs[:, :, ::-1, :] * jnp.array([-1.0, 1.0])[:, None]  # [-x2, x1]: rotate_half(x)
+    cos, sin = cos[:, None, None, :half], sin[:, None, None, :half]  # the table repeats its halves
+    return (pairs * cos + rotated * sin).reshape(x.shape).astype(x.dtype)
+
+
 PATCHES = {
     "embed=scatter-add": {"embed": embed_scatter_add},
     "embed=segment_sum": {"embed": embed_segment_sum},
@@ -122,6 +131,7 @@ PATCHES = {
     "dropout=unsafe_rbg": {"dropout": dropout_unsafe_rbg},
     "dropout=bits": {"dropout": dropout_bits},
     "norm=bf16-apply": {"RMSNorm.__call__": rmsnorm_apply_in_compute_dtype},
+    "rope=no-concatenate": {"apply_rope": apply_rope_without_concatenates},
 }
 
 
@@ -193,7 +203,7 @@ def params_after(config, tokens, steps):
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
     state = eqx.combine(params, static)
-    train_step = train.make_train_step(config, optimizer, abstract_params)
+    train_step = train.make_train_step(config, optimizer, abstract_params, abstract_opt)
     sampler = data.BatchSampler(tokens, config.model.block_size, config.batch_size, 1,
                                       seed=1337)
     key_data = np.asarray([0, 7], np.uint32)

@@ -206,7 +206,7 @@ def train_3_steps(config):
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
     model = eqx.combine(params, static)
-    step = train.make_train_step(config, optimizer, abstract_params)
+    step = train.make_train_step(config, optimizer, abstract_params, abstract_opt)
     rows = sharding.batch_sharding(mesh)
     for i in range(3):
         x, y = (jax.device_put(a, rows) for a in (tokens[i, :, :, :-1], tokens[i, :, :, 1:]))
