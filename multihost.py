@@ -80,6 +80,8 @@ def stop_together(rundir: Path, heartbeat_timeout: int):
     the others' beats. When one falls silent for heartbeat_timeout/4 (JAX's own heartbeat aborts
     at the earliest after half of it), or fails with an error, every other process prints one
     line and exits 1. Process 0 leaves last: JAX ends the others the moment it goes.
+    An error in a collective waits first for the watcher to name a silent process (a dead peer's
+    socket fails it at once); an error that is not one ends the run a silence later, as before.
     With one process it does nothing.
 
     JAX's own hook for this, the client's missed-heartbeat callback, is out of reach:
@@ -160,6 +162,10 @@ def stop_together(rundir: Path, heartbeat_timeout: int):
     try:
         yield
     except BaseException as error:
+        if isinstance(error, jax.errors.JaxRuntimeError):
+            # A collective fails at once on a dead peer's socket, before its silence shows: give
+            # the watcher the time to find it and say so in its one line (it ends the process).
+            thread.join(timeout=silence_limit + 2 * interval)
         finished.set()
         thread.join(timeout=2 * interval)
         with contextlib.suppress(Exception):  # unless the coordinator is gone already

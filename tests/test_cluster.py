@@ -38,15 +38,6 @@ LOSS_TOLERANCE = 1e-6
 HEARTBEAT = 12  # seconds: a process silent for a quarter of it stops the run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for every process these tests start: each program is
-    compiled once, not by every launch again (a third of these tests' time on 2 cores)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, shakespeare_input) -> str:
     out = tmp_path_factory.mktemp("data") / "shakespeare_char"
@@ -274,10 +265,16 @@ def test_a_heartbeat_timeout_too_short_to_watch_is_refused_before_joining():
 
 # launch.py, with a failure planted in process {process} when its step {step} is logged
 PLANTED = """
-import os, runpy, signal, sys
+import os, runpy, signal, sys, time
 sys.path.insert(0, {repo!r})
 import jax, cli, train
 check_finite = train.check_finite
+
+def lose_a_peer():  # process 1 dies; process 0's collective fails first, as gloo's does then
+    if jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.5)
+    raise jax.errors.JaxRuntimeError("UNKNOWN: Gloo AllGather failed: planted: Connection reset by peer")
 
 def check_finite_then_fail(pending, last_good):
     if jax.process_index() == {process} and pending and pending[-1][0] + 1 == {step}:
@@ -324,6 +321,23 @@ def test_a_killed_process_stops_the_other_with_one_line_and_the_restart_resumes(
     restarted = range(step + 1, 7)
     np.testing.assert_allclose([losses(rundir)[s] for s in restarted],
                                [losses(one_process)[s] for s in restarted], rtol=LOSS_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_a_collective_that_fails_because_a_peer_died_is_the_same_one_line(data_dir, tmp_path):
+    # Under load, a survivor's all-gather can fail on the dead peer's socket before the silence
+    # is noticed: that error must end in the same line, not in a traceback.
+    lose = PLANTED.format(repo=str(REPO), process="jax.process_index()", step=3,
+                          failure="lose_a_peer()")
+    (code, out, err), (code_1, _, _) = finish(launch_processes(
+        data_dir, tmp_path / "run", "--max_steps=6", f"--heartbeat_timeout={HEARTBEAT}",
+        script=lose))
+    assert code_1 == -signal.SIGKILL
+    assert code == 1, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: process 1 of 2 stopped responding"), lines[0]
+    assert "the run resumes from step 2" in lines[0], lines[0]
 
 
 @pytest.mark.slow
