@@ -2,7 +2,9 @@
 EQXGPT_SHARED points, for a clone that does not sit beside it)."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,14 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "data" / "tiktoken"))
 # default runs them in TF32 (10-bit mantissa); ask for full float32 here and in subprocesses.
 # A no-op on CPU. Tests of the bf16 path state their own, looser, tolerance.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# One persistent compilation cache for this session and every process it starts: the same tiny
+# programs are compiled once, not by every launch again (BENCHMARKS.md, "The test suite's time").
+# A planted bug changes the program, and so its key. An empty JAX_COMPILATION_CACHE_DIR: no cache.
+SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    SESSION_CACHE = tempfile.mkdtemp(prefix="eqxgpt_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = SESSION_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +38,8 @@ def shakespeare_input() -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of the scripts (seconds each)")
+
+
+def pytest_unconfigure(config):
+    if SESSION_CACHE is not None:
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
