@@ -6,12 +6,17 @@
 #   bash benchmarks/gpu_session.sh steps suite   # GPT-2 124M and shakespeare_char against nanoGPT, then the suite
 #   bash benchmarks/gpu_session.sh decode        # cached against naive decoding, batch 1 and 32
 #   bash benchmarks/gpu_session.sh train         # shakespeare_char: 3 seeds x 5000 steps
+#   bash benchmarks/gpu_session.sh gaps          # GPT-2 124M: the candidate fixes of the gap to nanoGPT
+#   bash benchmarks/gpu_session.sh race          # shakespeare_char: wall to nanoGPT's best val, its train.py first
+#   bash benchmarks/gpu_session.sh determinism   # GPT-2 124M: bitwise reruns, which kernel, what the flag costs
 #
 # Offline machines: the data that ../shared holds goes in .gpu/shared (mkdir -p .gpu/shared &&
 # cp -r ../shared/data .gpu/shared/ && chmod -R u+w .gpu: a read-only copy of tiktoken's cache
 # was not found there), prepared datasets in data/ (prepare_shakespeare.py, with and without
 # --tokenizer gpt2), and tensorboardX's wheel in .whl/ where it is missing (pip download
-# --no-deps tensorboardX -d .whl); carry .gpu, data and .whl. Output goes to $OUT
+# --no-deps tensorboardX -d .whl); carry .gpu, data and .whl. `race` runs nanoGPT's train.py
+# from .gpu/nanoGPT (its train.py, model.py, configurator.py, config/train_shakespeare_char.py and
+# data/shakespeare_char as its prepare.py writes it). Output goes to $OUT
 # (default /tmp/gpu_session); DEADLINE_S (default 560) bounds the whole script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,13 +74,40 @@ for what in "$@"; do
     wait
     grep -h "eval" "$OUT"/char_seed*.txt | tail -n 3
     ;;
+  gaps)  # issue 27's candidates, each against today's step in the same process
+    part gpt2-gaps "$OUT/gaps.txt" python3 benchmarks/gpu_variants.py --shape=gpt2 \
+      --data_dir=data/shakespeare --steps=20 --warmup=3 "" "norm=bf16-apply" "rope=no-concatenate" \
+      "norm=bf16-apply+rope=no-concatenate"
+    part gpt2-nanogpt "$OUT/gaps.txt" python3 benchmarks/torch_nanogpt.py --device=cuda --shape=gpt2 \
+      --data_dir=data/shakespeare --benchmark_steps=20
+    ;;
+  race)  # nanoGPT's config as written, then eqxgpt's GPU config with AdamW and with the CPU recipe
+    recipe="--optimizer=muon --muon_learning_rate=0.01 --normuon=True --muon_preconditioning=aol"
+    recipe="$recipe --muon_ns_steps=4 --model.mlp_activation=relu2 --model.value_embeds=True"
+    recipe="$recipe --model.bigram_embed=True"
+    part race "$OUT/race.txt" python3 benchmarks/time_to_loss.py --nanogpt=.gpu/nanoGPT \
+      --nanogpt_config=gpu --target=1.466 --out=/tmp/race \
+      --run "eqxgpt AdamW=python3 launch.py --config=shakespeare_char" \
+      --run "eqxgpt Muon recipe=python3 launch.py --config=shakespeare_char $recipe"
+    ;;
+  determinism)  # 3 steps twice; cuDNN attention swapped for XLA's; then XLA's deterministic kernels
+    part det-default "$OUT/determinism.txt" python3 benchmarks/gpu_variants.py --shape=gpt2 \
+      --data_dir=data/shakespeare --determinism "" "model.attention=xla"
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" part det-flag "$OUT/determinism.txt" \
+      python3 benchmarks/gpu_variants.py --shape=gpt2 --data_dir=data/shakespeare --determinism ""
+    part det-cost "$OUT/determinism.txt" python3 benchmarks/gpu_variants.py --shape=gpt2 \
+      --data_dir=data/shakespeare --steps=20 --warmup=3 ""
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" part det-flag-cost \
+      "$OUT/determinism.txt" python3 benchmarks/gpu_variants.py --shape=gpt2 \
+      --data_dir=data/shakespeare --steps=20 --warmup=3 ""
+    ;;
   suite)  # the tests spread over 8 processes; the junit file names each test's outcome
     export XLA_PYTHON_CLIENT_PREALLOCATE=false
     part suite "$OUT/suite.txt" python3 -m pytest -v tests \
       -p no:cacheprovider -n 8 --timeout=300 -rfE --junitxml="$OUT/suite.xml"
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh steps|decode|train|suite ..." >&2
+    echo "usage: bash benchmarks/gpu_session.sh steps|gaps|decode|train|race|determinism|suite ..." >&2
     exit 2
     ;;
   esac

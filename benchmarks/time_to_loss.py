@@ -10,8 +10,8 @@ table for BENCHMARKS.md.
         --run "eqxgpt Muon=python launch.py --config=shakespeare_char_cpu"
 
 --nanogpt runs that checkout's train.py with its Tiny Shakespeare config at this repo's CPU
-shapes (it needs torch, and data/shakespeare_char prepared there by its own prepare.py). Each
-eqxgpt run gets a fresh --rundir under --out.
+shapes, or as written with --nanogpt_config=gpu (it needs torch, and data/shakespeare_char
+prepared there by its own prepare.py). Each eqxgpt run gets a fresh --rundir under --out.
 """
 
 import argparse
@@ -28,6 +28,8 @@ NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=Fa
                "--eval_iters=20", "--log_interval=50", "--block_size=64", "--batch_size=12",
                "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
                "--lr_decay_iters=2000", "--dropout=0.0"]
+# nanoGPT's own Tiny Shakespeare config as it is written: a GPU, torch.compile, 5000 iterations
+NANOGPT_GPU = ["config/train_shakespeare_char.py"]
 # "step 250: train loss 2.1, val loss 2.2" (nanoGPT) and "step 250 | eval: train 2.1 | val 2.2"
 EVAL_LINE = re.compile(r"step (\d+)(?:: train loss [\d.]+, val loss | \| eval: train [\d.]+ \| val )"
                        r"(\d+\.\d+)")
@@ -56,6 +58,8 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout, run first")
+    parser.add_argument("--nanogpt_config", choices=("cpu", "gpu"), default="cpu",
+                        help="cpu: at shakespeare_char_cpu's shapes; gpu: its own config as written")
     parser.add_argument("--target", type=float, default=1.886, help="the val loss to reach")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=COMMAND",
                         help="an eqxgpt command (run from this repo), repeatable")
@@ -65,8 +69,9 @@ def main(argv):
 
     runs = []
     if args.nanogpt:
+        nanogpt_config = NANOGPT_CPU if args.nanogpt_config == "cpu" else NANOGPT_GPU
         runs.append(("nanoGPT (its train.py)", args.nanogpt, [sys.executable, "train.py",
-                     *NANOGPT_CPU, f"--out_dir={args.out / 'nanogpt'}"]))
+                     *nanogpt_config, f"--out_dir={args.out / 'nanogpt'}"]))
     repo = Path(__file__).resolve().parents[1]
     for i, spec in enumerate(args.run):
         name, _, command = spec.partition("=")
