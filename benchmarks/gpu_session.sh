@@ -6,9 +6,9 @@
 #   bash benchmarks/gpu_session.sh steps suite   # GPT-2 124M and shakespeare_char against nanoGPT, then the suite
 #   bash benchmarks/gpu_session.sh decode        # cached against naive decoding, batch 1 and 32
 #   bash benchmarks/gpu_session.sh train         # shakespeare_char: 3 seeds x 5000 steps
-#   bash benchmarks/gpu_session.sh gaps          # GPT-2 124M: the candidate fixes of the gap to nanoGPT
-#   bash benchmarks/gpu_session.sh race          # shakespeare_char: wall to nanoGPT's best val, its train.py first
-#   bash benchmarks/gpu_session.sh determinism   # GPT-2 124M: bitwise reruns, which kernel, what the flag costs
+#   bash benchmarks/gpu_session.sh gaps          # GPT-2 124M: candidate fixes of the gap
+#   bash benchmarks/gpu_session.sh race          # shakespeare_char: wall to nanoGPT's best val
+#   bash benchmarks/gpu_session.sh determinism   # GPT-2 124M: bitwise reruns and their cost
 #
 # Offline machines: the data that ../shared holds goes in .gpu/shared (mkdir -p .gpu/shared &&
 # cp -r ../shared/data .gpu/shared/ && chmod -R u+w .gpu: a read-only copy of tiktoken's cache

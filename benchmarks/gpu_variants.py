@@ -113,7 +113,7 @@ def rmsnorm_apply_in_compute_dtype(self, x):  # float32 statistics, the scaling 
     return x * scale.astype(x.dtype) * self.weight.astype(x.dtype)
 
 
-def apply_rope_without_concatenates(x, cos, sin):  # the halves as an axis of 2, swapped by a reversal
+def apply_rope_without_concatenates(x, cos, sin):  # the halves as an axis of 2, reversed
     seq, heads, head_dim = x.shape
     half = head_dim // 2
     pairs = x.astype(jnp.float32).reshape(seq, heads, 2, half)  # [x1, x2]

@@ -59,7 +59,7 @@ def main(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout, run first")
     parser.add_argument("--nanogpt_config", choices=("cpu", "gpu"), default="cpu",
-                        help="cpu: at shakespeare_char_cpu's shapes; gpu: its own config as written")
+                        help="cpu: shakespeare_char_cpu's shapes; gpu: its own config")
     parser.add_argument("--target", type=float, default=1.886, help="the val loss to reach")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=COMMAND",
                         help="an eqxgpt command (run from this repo), repeatable")
