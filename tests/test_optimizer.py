@@ -151,21 +151,26 @@ def test_muon_scales_wide_matrices_by_the_root_of_their_aspect_ratio():
     assert 1.5 < top["wide"] / top["tall"] < 2.5  # sqrt(4) = 2 for (d, 4d); 1 for (4d, d)
 
 
-def test_each_label_decays_by_its_own_peak_learning_rate():
-    # Zero gradients: what remains of each update is the decoupled weight decay, -lr * wd * param.
+@pytest.mark.parametrize("independent", [False, True])
+def test_each_label_decays_by_its_own_peak_learning_rate(independent):
+    # Zero gradients: what remains of each update is the decoupled weight decay, -lr * wd * param;
+    # independent decay is wd * lr(t) / peak: at step 0 (the peak, no warmup) -wd * param.
     config = TrainConfig(model=dataclasses.replace(TINY, tie_embeddings=False),
                          optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.05,
-                         weight_decay=0.1, warmup_steps=0, max_steps=10)
+                         weight_decay=0.1, warmup_steps=0, max_steps=10,
+                         independent_weight_decay=independent)
     params = eqx.filter(GPT(config.model, key=jr.key(0)), eqx.is_array)
     optimizer = optim.make_optimizer(config)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zeros, optimizer.init(params), params)
     labels = optim.optimizer_labels(config)(params)
     assert set(jax.tree.leaves(labels)) == {"muon", "decay", "no_decay"}
-    peak = {"muon": 0.05, "decay": 1e-3, "no_decay": 0.0}
+    lr = {"muon": 0.05, "decay": 1e-3, "no_decay": 0.0}
+    if independent:
+        lr = {"muon": 1.0, "decay": 1.0, "no_decay": 0.0}
     for label, update, param in zip(jax.tree.leaves(labels), jax.tree.leaves(updates),
                                     jax.tree.leaves(params)):
-        np.testing.assert_allclose(update, -peak[label] * 0.1 * param, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(update, -lr[label] * 0.1 * param, rtol=1e-5, atol=1e-12)
 
 
 def test_muon_takes_the_loss_down_on_a_fixed_batch():
