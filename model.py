@@ -344,13 +344,14 @@ class Block(eqx.Module):
 
 @jax.custom_vjp
 def embed(table: Float[Array, "vocab d"], tokens: Int[Array, "*shape"]) -> Float[Array, "*shape d"]:
-    """table[tokens], whose gradient sums the rows of each token id with no atomic adds.
+    """table[tokens], whose gradient sums the rows of each token id, as each platform does best.
 
     Autodiff turns a lookup into a scatter-add, whose atomics on a GPU collide on the frequent ids
-    of real text (space, "e", "the") and add in a different order every run; this sorted running
-    sum has none: faster at GPT-2 124M and bit-for-bit repeatable (BENCHMARKS.md, "GPU"). Call it
-    on the whole batch, outside vmap: under vmap the backward would build one (vocab, d) gradient
-    per sequence.
+    of real text (space, "e", "the") and add in a different order every run; there the gradient is
+    a sorted running sum with none: faster at GPT-2 124M and bit-for-bit repeatable (BENCHMARKS.md,
+    "GPU"). A CPU adds rows one after another, in order: its scatter-add is deterministic and ~10x
+    quicker than the sort (BENCHMARKS.md, "The lookups' backward on a CPU"). Call it on the whole
+    batch, outside vmap: under vmap the backward would build one (vocab, d) gradient per sequence.
     """
     return table[tokens]
 
@@ -361,7 +362,10 @@ def _embed_fwd(table, tokens):
 
 def _embed_bwd(residuals, grad):
     table, tokens = residuals
-    return sum_rows_by_id(tokens, grad, table.shape[0]).astype(table.dtype), None
+    summed = jax.lax.platform_dependent(  # the branch is chosen when the step is compiled
+        tokens, grad, cpu=functools.partial(scatter_rows_by_id, num_ids=table.shape[0]),
+        default=functools.partial(sum_rows_by_id, num_ids=table.shape[0]))
+    return summed.astype(table.dtype), None
 
 
 embed.defvjp(_embed_fwd, _embed_bwd)
@@ -380,6 +384,13 @@ def sum_rows_by_id(ids: Int[Array, "*shape"], rows: Float[Array, "*shape d"], nu
     running = jnp.concatenate([jnp.zeros_like(running[:1]), running])  # running[j]: first j rows
     bounds = jnp.searchsorted(ids[order], jnp.arange(num_ids + 1))  # where each id's run starts
     return running[bounds[1:]] - running[bounds[:-1]]
+
+
+def scatter_rows_by_id(ids: Int[Array, "*shape"], rows: Float[Array, "*shape d"], num_ids: int):
+    """sum_rows_by_id as a scatter-add (a CPU's: one pass over the rows, in order)."""
+    ids = ids.reshape(-1)
+    rows = rows.reshape(ids.shape[0], -1).astype(jnp.float32)
+    return jax.ops.segment_sum(rows, ids, num_segments=num_ids)
 
 
 @jax.custom_vjp

@@ -13,7 +13,8 @@ import optax
 import pytest
 
 from model import (GPT, GPTConfig, apply_rope, cross_entropy, dropout, embed, empty_cache, extend,
-                   flops_per_token, loss_fn, num_params, rope_table, sum_rows_by_id)
+                   flops_per_token, loss_fn, num_params, rope_table, scatter_rows_by_id,
+                   sum_rows_by_id)
 
 # Small shapes keep the suite fast on 2 CPU cores; float32 compute for exact comparisons.
 TINY = GPTConfig(
@@ -311,7 +312,7 @@ def skewed_tokens(key, shape, vocab):
 
 
 def test_embedding_gradient_equals_autodiff_scatter_add_and_repeats_bitwise():
-    # float32 on CPU: the sorted running-sum differences agree with a scatter-add to rounding.
+    # float32 on CPU: the lookup's gradient (a scatter-add here) agrees with autodiff's to rounding.
     table = jr.normal(jr.key(0), (97, 16))
     tokens = skewed_tokens(jr.key(1), (4, 50), 97)
     assert int(jnp.bincount(tokens.reshape(-1)).max()) > 20  # the test has collisions
@@ -324,6 +325,31 @@ def test_embedding_gradient_equals_autodiff_scatter_add_and_repeats_bitwise():
     assert unseen.size and not np.any(np.asarray(ours)[unseen])  # exactly zero, no rounding
     np.testing.assert_array_equal(ours, grad(table))  # deterministic: same bits every time
     np.testing.assert_array_equal(embed(table, tokens), table[tokens])
+
+
+@pytest.mark.parametrize("sum_rows", [sum_rows_by_id, scatter_rows_by_id])
+def test_both_ways_of_summing_rows_by_id_agree_on_skewed_ids(sum_rows):
+    # float32: the GPU's sorted running sum and the CPU's scatter-add agree to rounding, on ids as
+    # skewed as text's; an id never seen gets exactly zero.
+    tokens = skewed_tokens(jr.key(1), (4, 50), 97)
+    rows = jr.normal(jr.key(2), (4, 50, 16))
+    reference = np.zeros((97, 16), np.float64)
+    np.add.at(reference, np.asarray(tokens).reshape(-1), np.asarray(rows, np.float64).reshape(-1, 16))
+    summed = np.asarray(jax.jit(sum_rows, static_argnums=2)(tokens, rows, 97))
+    np.testing.assert_allclose(summed, reference, atol=1e-5, rtol=1e-5)
+    unseen = np.setdiff1d(np.arange(97), np.asarray(tokens))
+    assert unseen.size and not np.any(summed[unseen])
+
+
+@pytest.mark.parametrize("platform, present, absent", [("cpu", "scatter", "sort"),
+                                                       ("cuda", "sort", "scatter")])
+def test_the_lookup_gradient_is_a_scatter_add_on_cpu_and_a_sorted_sum_on_gpus(platform, present,
+                                                                               absent):
+    # GPUs keep the sort (no atomics: repeatable, fast on skewed ids); CPUs the quicker scatter-add.
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    grad = jax.jit(jax.grad(lambda t: jnp.sum(embed(t, tokens))))
+    hlo = grad.trace(jnp.ones((11, 4))).lower(lowering_platforms=(platform,)).as_text()
+    assert f"stablehlo.{present}" in hlo and f"stablehlo.{absent}" not in hlo
 
 
 def test_sum_rows_by_id_handles_ids_never_seen_and_one_id_everywhere():
