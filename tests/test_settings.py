@@ -7,7 +7,7 @@ observed here) or in OBSERVED_ELSEWHERE (why it cannot be observed here, and the
 
 test_changing_a_setting_changes_what_it_names sets one field of BASE to its CHANGES value and
 compares what the field claims to change against BASE: one optimizer's updates over six steps of
-fixed gradients, the learning-rate schedule, the model's shapes, output, training loss or traced
+fixed gradients, the learning-rate schedule, the model's shapes, output (in inference or training) or traced
 program, the batches and evaluation batches, the initial state, the FSDP placements, or a short
 training run's log and kept checkpoints. BASE is TrainConfig's defaults with a tiny model and run
 (so the file stays fast); a context (say optimizer="muon" for Muon's settings) is applied to both
@@ -38,11 +38,9 @@ import prepare_shakespeare
 import sharding
 import train
 from config import TrainConfig
-from conftest import SHARED
-from model import GPT, GPTConfig, forward, loss_fn
+from model import GPT, GPT2_ARCHITECTURE, GPTConfig, forward, loss_fn
 
 TESTS = Path(__file__).resolve().parent
-TINY_GPT2 = SHARED / "data" / "tiny-gpt2"
 
 
 def setting_names(config, prefix: str = "") -> list[str]:
@@ -72,7 +70,7 @@ def get_setting(config: TrainConfig, name: str):
 
 # The tiny model and run every observation starts from: TrainConfig's defaults, except its sizes,
 # the run's length, and a peak learning rate at which 4 steps visibly lower the loss.
-TINY = GPTConfig(block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=16,
+TINY = GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16,
                  compute_dtype="float32")
 BASE_CHANGES = dict(model=TINY, batch_size=2, learning_rate=1e-2, min_lr=1e-3, warmup_steps=2,
                     max_steps=4, eval_interval=1, eval_iters=1, log_interval=1, profile_steps=2)
@@ -87,6 +85,7 @@ class Change(NamedTuple):
 
 
 MUON = {"optimizer": "muon"}
+TWO_LAYERS = dataclasses.replace(TINY, n_layer=2)
 CHANGES = {
     "data_dir": Change("other", ("batches.train", "batches.eval")),  # another corpus (fixture)
     "batch_size": Change(4, ("batches.train", "batches.eval")),
@@ -114,23 +113,23 @@ CHANGES = {
     "log_interval": Change(3, ("run.log",)),
     "keep_checkpoints": Change(1, ("run.checkpoints",)),
     "seed": Change(7, ("batches.train", "batches.eval", "state.params", "state.dropout_key")),
-    "init_from": Change("tiny-gpt2", ("state.params",), {"model": "tiny-gpt2"}),  # its shapes
+    "init_from": Change("gpt2", ("state.params",), {"model": "gpt2"}),  # a checkpoint's shapes
     "profile_steps": Change(1, ("debug_run.log",)),
     "target_val_loss": Change(100.0, ("run.log", "run.checkpoints")),
     "model.block_size": Change(12, ("batches.train", "batches.eval")),
-    "model.vocab_size": Change(96, ("shapes", "logits")),
-    "model.n_layer": Change(3, ("shapes", "logits")),
+    "model.vocab_size": Change(96, ("shapes",)),
+    "model.n_layer": Change(2, ("shapes",)),
     "model.n_head": Change(4, ("logits",)),
-    "model.n_embd": Change(32, ("shapes", "logits")),
-    "model.dropout": Change(0.5, ("training_loss",)),
-    "model.attn_dropout": Change(0.5, ("training_loss",)),
+    "model.n_embd": Change(32, ("shapes",)),
+    "model.dropout": Change(0.5, ("training_logits",)),
+    "model.attn_dropout": Change(0.5, ("training_logits",)),
     "model.qk_norm": Change(False, ("shapes", "logits")),
     "model.tie_embeddings": Change(False, ("shapes", "logits")),
     "model.rope_base": Change(10.0, ("logits",)),
     # the same function computed another way: observed in the program traced
     "model.attention": Change("xla", ("program",)),
     "model.remat": Change(True, ("program",)),
-    "model.unroll_layers": Change(False, ("program",)),
+    "model.unroll_layers": Change(False, ("program",), {"model": TWO_LAYERS}),  # 1 is no loop
     "model.compute_dtype": Change("bfloat16", ("logits",)),
     "model.position_embedding": Change("learned", ("shapes", "logits")),
     "model.norm": Change("layer", ("logits",)),
@@ -196,8 +195,10 @@ def where(tmp_path_factory, shakespeare_input) -> dict:
         (folder / f"{name}.txt").write_text(part)
         prepare_shakespeare.main(["--input", str(folder / f"{name}.txt"), "--out_dir",
                                   str(folder / name)])
+    # a GPT-2-layout checkpoint of the tiny model's sizes, for init_from
+    gpt2.save(random_model(dataclasses.replace(TINY, **GPT2_ARCHITECTURE)), folder / "gpt2", 53)
     return {"folder": folder, "data": str(folder / "data"), "other": str(folder / "other"),
-            "tiny-gpt2": str(TINY_GPT2)}
+            "gpt2": str(folder / "gpt2")}
 
 
 def base_config(where: dict) -> TrainConfig:
@@ -228,9 +229,19 @@ def fixed_grads(params) -> list:
     return grads
 
 
+# Parameters as the GPT names them, one of each kind the optimizer tells apart: a matrix outside
+# the blocks (AdamW, decayed), a stacked block matrix (AdamW or Muon; q, k, v apart), a gain.
+OPTIMIZER_PARAMS = {
+    "embed": np.random.default_rng(2).standard_normal((16, 8)).astype(np.float32),
+    "blocks": {"attn": {"qkv": {"weight": np.random.default_rng(3).standard_normal((1, 8, 24))
+                                .astype(np.float32)}},
+               "attn_norm": {"weight": np.ones((1, 8), np.float32)}},
+}
+
+
 def observe_updates(config: TrainConfig, where):
     """make_optimizer's updates over six steps of fixed gradients, the params moved by each."""
-    params = eqx.filter(GPT(config.model, key=jr.key(0)), eqx.is_array)
+    params = jax.tree.map(jnp.asarray, OPTIMIZER_PARAMS)
     optimizer = optim.make_optimizer(config)
     update, state, out = jax.jit(optimizer.update), optimizer.init(params), []
     for grads in fixed_grads(params):
@@ -253,12 +264,12 @@ def observe_shapes(config: TrainConfig, where):
 TOKENS = np.random.default_rng(0).integers(0, 53, (2, 9), dtype=np.int32)  # the corpus has 53
 
 
-def perturbed_model(config: GPTConfig) -> GPT:
-    """The model at init, every parameter moved off it: a gain of 1 or a table of zeros counts."""
-    model = GPT(config, key=jr.key(0))
+def random_model(config: GPTConfig) -> GPT:
+    """A GPT of config's shapes, every parameter random (no compile): a gain of 1 or a table of
+    zeros at init would hide whether it is read."""
     rng = np.random.default_rng(1)
-    return jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32),
-                        model)
+    abstract = eqx.filter_eval_shape(GPT, config, key=jr.key(0))
+    return jax.tree.map(lambda a: 0.3 * rng.standard_normal(a.shape).astype(np.float32), abstract)
 
 
 @eqx.filter_jit
@@ -267,18 +278,19 @@ def logits_of(model, tokens):
 
 
 def observe_logits(config: TrainConfig, where):
-    return np.asarray(logits_of(perturbed_model(config.model), TOKENS[:, :-1]))
+    return np.asarray(logits_of(random_model(config.model), TOKENS[:, :-1]))
 
 
-def observe_training_loss(config: TrainConfig, where):
-    """The loss as training computes it: with a key, so dropout is on."""
-    model = perturbed_model(config.model)
-    return float(eqx.filter_jit(loss_fn)(model, TOKENS[:, :-1], TOKENS[:, 1:], key=jr.key(3)))
+def observe_training_logits(config: TrainConfig, where):
+    """One sequence's logits with a key, as training computes them: dropout is on. (An rbg key:
+    threefry's bits took ~3x longer to compile on a CPU.)"""
+    model, key = random_model(config.model), jr.key(3, impl="rbg")
+    return np.asarray(eqx.filter_jit(lambda m, t, k: m(t, key=k))(model, TOKENS[0, :-1], key))
 
 
 def observe_program(config: TrainConfig, where):
     """The traced loss and gradient: how the same function is computed."""
-    model = GPT(config.model, key=jr.key(0))
+    model = random_model(config.model)
     loss_and_grads = eqx.filter_value_and_grad(loss_fn)
     return str(eqx.filter_make_jaxpr(loss_and_grads)(model, TOKENS[:, :-1], TOKENS[:, 1:])[0])
 
@@ -334,7 +346,7 @@ def observe_debug_run(config: TrainConfig, where):
 
 OBSERVERS: dict[str, Callable] = {
     "updates": observe_updates, "lr": observe_lr, "shapes": observe_shapes,
-    "logits": observe_logits, "training_loss": observe_training_loss, "program": observe_program,
+    "logits": observe_logits, "training_logits": observe_training_logits, "program": observe_program,
     "batches": observe_batches, "state": observe_state, "placements": observe_placements,
     "run": observe_run, "debug_run": observe_debug_run,
 }
@@ -371,8 +383,8 @@ def differs(a, b) -> bool:
 
 def context_of(change: Change, where: dict) -> dict:
     context = {name: resolve(value, where) for name, value in change.context.items()}
-    if context.get("model") == where["tiny-gpt2"]:  # the checkpoint's shapes, the base's dtype
-        checkpoint, _ = gpt2.read_config(TINY_GPT2)
+    if context.get("model") == where["gpt2"]:  # the checkpoint's shapes, as launch.py gives them
+        checkpoint, _ = gpt2.read_config(Path(where["gpt2"]))
         context["model"] = gpt2.with_shapes_of(TINY, checkpoint)
     return context
 
