@@ -5,10 +5,13 @@ test that is missing, unless it computes the same as the code (an equivalent mut
     python tests/mutants.py                  # every mutant; writes tests/mutants.md
     python tests/mutants.py --only sharding  # the mutants whose name starts with "sharding"
     python tests/mutants.py --list
+    python tests/mutants.py --only optim.beta --tests tests/test_settings.py  # these files only
 
 Each mutant replaces one exact snippet of one file (it must occur once). It first runs the test
 files that cover that file, stopping at the first failure; a mutant they let through then runs
-the whole fast suite. Not part of the suite itself: it takes a long time.
+the whole fast suite. --tests names the test files (or test ids) to run instead, with no
+fallback to the whole suite (2 shared cores: a mutant checked against the tests aimed at it).
+Not part of the suite itself: it takes a long time.
 """
 
 import argparse
@@ -23,9 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # (name, file, snippet, mutated snippet, the test files that cover the file)
-MODEL = ["tests/test_model.py", "tests/test_sample.py", "tests/test_gpt2.py"]
-OPTIM = ["tests/test_optimizer.py", "tests/test_train.py"]
-TRAIN = ["tests/test_train.py", "tests/test_faults.py", "tests/test_optimizer.py"]
+MODEL = ["tests/test_model.py", "tests/test_sample.py", "tests/test_gpt2.py", "tests/test_settings.py"]
+OPTIM = ["tests/test_optimizer.py", "tests/test_train.py", "tests/test_settings.py"]
+TRAIN = ["tests/test_train.py", "tests/test_faults.py", "tests/test_optimizer.py",
+         "tests/test_settings.py"]
 DATA = ["tests/test_data.py", "tests/test_beyond_text.py", "tests/test_prepare.py"]
 DECODE = ["tests/test_sample.py", "tests/test_gpt2.py", "tests/test_beyond_text.py"]
 CHECKPOINTS = ["tests/test_train.py", "tests/test_faults.py", "tests/test_sample.py",
@@ -73,6 +77,18 @@ MUTANTS = [
      "table_of_block = jnp.zeros(model.config.n_layer, jnp.int32)", MODEL),
     ("model.value_mix_dropped", "model.py", "v = self.value_lambdas[0] * v + self.value_lambdas[1] * value_embed.reshape(v.shape)",
      "v = v + self.value_lambdas[1] * value_embed.reshape(v.shape)", MODEL),
+    # model.py: a setting read then not used, or two arrays equal at init mixed up
+    ("model.attn_dropout_is_dropout", "model.py", "rate = self.config.attn_dropout if key is not None else 0.0",
+     "rate = self.config.dropout if key is not None else 0.0", MODEL),
+    ("model.rope_base_unused", "model.py", "cos, sin = rope_table(start + jnp.arange(x.shape[0]), config.head_dim, config.rope_base)",
+     "cos, sin = rope_table(start + jnp.arange(x.shape[0]), config.head_dim, 10000.0)", MODEL),
+    ("model.norm_eps_unused", "model.py", "return RMSNorm(dim, config.norm_eps)", "return RMSNorm(dim)", MODEL),
+    ("model.mlp_reads_attn_norm", "model.py", "x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, k_mlp)",
+     "x = x + dropout(self.mlp(self.attn_norm(x)), self.dropout, k_mlp)", MODEL),
+    ("model.k_normed_by_q_gain", "model.py", "q, k = self.q_norm(q), self.k_norm(k)",
+     "q, k = self.q_norm(q), self.q_norm(k)", MODEL),
+    ("model.value_lambdas_swapped", "model.py", "v = self.value_lambdas[0] * v + self.value_lambdas[1] * value_embed.reshape(v.shape)",
+     "v = self.value_lambdas[1] * v + self.value_lambdas[0] * value_embed.reshape(v.shape)", MODEL),
     # optim.py
     ("optim.stacked_gains_decayed", "optim.py", "if leaf.ndim - in_block_stack(path) < 2:", "if leaf.ndim < 2:", OPTIM),
     ("optim.schedule_floor", "optim.py", "end_value=config.min_lr,", "end_value=0.0,", OPTIM),
@@ -90,6 +106,29 @@ MUTANTS = [
      "return normed, nu", OPTIM),
     ("optim.normuon_beta_swapped", "optim.py", "nu = beta2 * nu + (1 - beta2) * mean_square",
      "nu = (1 - beta2) * nu + beta2 * mean_square", OPTIM),
+    # optim.py: a setting read then not used (optax's own default, often the config's, in its place)
+    ("optim.grad_clip_unused", "optim.py", "clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()",
+     "clip = optax.identity()", OPTIM),
+    ("optim.beta1_unused", "optim.py", "adam = optax.scale_by_adam(b1=config.beta1, b2=config.beta2)",
+     "adam = optax.scale_by_adam(b2=config.beta2)", OPTIM),
+    ("optim.beta2_unused", "optim.py", "adam = optax.scale_by_adam(b1=config.beta1, b2=config.beta2)",
+     "adam = optax.scale_by_adam(b1=config.beta1)", OPTIM),
+    ("optim.beta2_is_normuon_beta2", "optim.py", "adam = optax.scale_by_adam(b1=config.beta1, b2=config.beta2)",
+     "adam = optax.scale_by_adam(b1=config.beta1, b2=config.normuon_beta2)", OPTIM),
+    ("optim.weight_decay_unused", "optim.py", "adam_decay = muon_decay = config.weight_decay",
+     "adam_decay = muon_decay = 0.1", OPTIM),
+    ("optim.min_lr_a_tenth_of_peak", "optim.py", "end_value=config.min_lr,", "end_value=config.learning_rate / 10,", OPTIM),
+    ("optim.warmup_unused", "optim.py", "warmup_steps=config.warmup_steps,", "warmup_steps=0,", OPTIM),
+    ("optim.muon_momentum_unused", "optim.py", "beta=config.muon_momentum, ns_steps=config.muon_ns_steps, nesterov=True,",
+     "ns_steps=config.muon_ns_steps, nesterov=True,", OPTIM),
+    ("optim.muon_ns_steps_unused", "optim.py", "beta=config.muon_momentum, ns_steps=config.muon_ns_steps, nesterov=True,",
+     "beta=config.muon_momentum, nesterov=True,", OPTIM),
+    ("optim.muon_preconditioning_unused", "optim.py", "preconditioning=config.muon_preconditioning)",
+     "preconditioning=\"frobenius\")", OPTIM),
+    ("optim.normuon_beta2_unused", "optim.py", "normed = [normuon(config.normuon_beta2)] if config.normuon else []",
+     "normed = [normuon(0.95)] if config.normuon else []", OPTIM),
+    ("optim.normuon_beta2_is_muon_momentum", "optim.py", "normed = [normuon(config.normuon_beta2)] if config.normuon else []",
+     "normed = [normuon(config.muon_momentum)] if config.normuon else []", OPTIM),
     # sharding.py
     ("sharding.layer_axis_sharded", "sharding.py", "first = 1 if in_block_stack(path) else 0", "first = 0",
      ["tests/test_sharding.py", "tests/test_train.py", "tests/test_optimizer.py"]),
@@ -110,6 +149,15 @@ MUTANTS = [
      "if last_grad_norm is not None and last_grad_norm < 0:", TRAIN),
     ("train.grad_norm_of_updates", "train.py", "grad_norm = optax.tree_utils.tree_norm(grads)",
      "grad_norm = optax.tree_utils.tree_norm(updates)", TRAIN),
+    ("train.eval_iters_unused", "train.py", "batches = tqdm(range(config.eval_iters),", "batches = tqdm(range(200),", TRAIN),
+    ("train.keep_checkpoints_unused", "train.py", "manager, set_aside = checkpoints.open_checkpoints(rundir, config.keep_checkpoints)",
+     "manager, set_aside = checkpoints.open_checkpoints(rundir, 3)", TRAIN),
+    ("train.batch_seed_unused", "train.py", "train_batches = sampler(\"train\", config.seed, config.grad_accum)",
+     "train_batches = sampler(\"train\", 1337, config.grad_accum)", TRAIN),
+    ("train.init_seed_unused", "train.py", "params = jax.jit(make_params, out_shardings=shardings_of(abstract_params))(jr.key(config.seed))",
+     "params = jax.jit(make_params, out_shardings=shardings_of(abstract_params))(jr.key(1337))", TRAIN),
+    ("train.log_interval_unused", "train.py", "if step % config.log_interval == 0 or step == config.max_steps:",
+     "if step % 10 == 0 or step == config.max_steps:", TRAIN),
     # data.py
     ("data.last_example_never_drawn", "data.py", "starts = rng.integers(0, len(self.tokens) // self.example_length, size=shape)",
      "starts = rng.integers(0, len(self.tokens) // self.example_length - 1, size=shape)", DATA),
@@ -158,17 +206,21 @@ MUTANTS = [
 ]
 
 
-def pytest(copy: Path, files: list[str]) -> tuple[bool, str]:
-    """(the suite failed, its last line) for the fast tests of files (all: None) in copy."""
+def pytest(copy: Path, files: list[str]) -> tuple[bool, str, str]:
+    """(the suite failed, its last line, the first test that failed) for the fast tests of files
+    in copy."""
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                "-m", "not slow", *files]
+    shared = os.environ.get("EQXGPT_SHARED", str(REPO.parent / "shared"))
     done = subprocess.run(command, cwd=copy, capture_output=True, text=True,
-                          env={**os.environ, "EQXGPT_SHARED": str(REPO.parent / "shared")})
-    last = (done.stdout.strip().splitlines() or [""])[-1]
-    return done.returncode != 0, last
+                          env={**os.environ, "EQXGPT_SHARED": shared})
+    lines = done.stdout.strip().splitlines()
+    failed = next((line.split()[1] for line in lines if line.startswith(("FAILED ", "ERROR "))), "")
+    return done.returncode != 0, (lines or [""])[-1], failed
 
 
-def run_mutant(name, file, snippet, mutated, files) -> dict:
+def run_mutant(name, file, snippet, mutated, files, tests=None) -> dict:
+    """tests: the files (or test ids) to run instead of the covering files, with no fallback."""
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "repo"
         shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", ".venv", "data", "runs",
@@ -178,19 +230,21 @@ def run_mutant(name, file, snippet, mutated, files) -> dict:
             return {"name": name, "result": f"not planted: the snippet occurs {source.count(snippet)} times"}
         (copy / file).write_text(source.replace(snippet, mutated))
         start = time.time()
-        killed, last = pytest(copy, files)
-        oracle = "covering files"
-        if not killed:
-            killed, last = pytest(copy, ["tests"])
+        killed, last, failed = pytest(copy, tests or files)
+        oracle = " ".join(tests) if tests else "covering files"
+        if not killed and not tests:
+            killed, last, failed = pytest(copy, ["tests"])
             oracle = "whole fast suite"
         return {"name": name, "result": "killed" if killed else "SURVIVED", "by": oracle,
-                "last": last, "seconds": round(time.time() - start)}
+                "test": failed, "last": last, "seconds": round(time.time() - start)}
 
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="run the mutants whose name starts with this")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--tests", nargs="+", help="run these test files or ids, not the covering "
+                        "files then the whole fast suite")
     parser.add_argument("--out", default=str(REPO / "tests" / "mutants.md"))
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if m[0].startswith(args.only)]
@@ -200,12 +254,15 @@ def main(argv):
         return
     rows = []
     for mutant in chosen:
-        result = run_mutant(*mutant)
+        result = run_mutant(*mutant, tests=args.tests)
         rows.append(result)
         print(f"{result['name']}: {result['result']} ({result.get('by', '')}, "
-              f"{result.get('seconds', 0)} s) {result.get('last', '')}", flush=True)
-    lines = ["| mutant | result | oracle | pytest's last line |", "|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['result']} | {r.get('by', '')} | {r.get('last', '')} |" for r in rows]
+              f"{result.get('seconds', 0)} s) {result.get('test', '')} {result.get('last', '')}",
+              flush=True)
+    lines = ["| mutant | result | oracle | first failing test | pytest's last line |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['result']} | {r.get('by', '')} | {r.get('test', '')} | "
+              f"{r.get('last', '')} |" for r in rows]
     Path(args.out).write_text("\n".join(lines) + "\n")
     survived = [r["name"] for r in rows if r["result"] == "SURVIVED"]
     print(f"{len(rows)} planted, {len(rows) - len(survived)} killed, {len(survived)} survived: "

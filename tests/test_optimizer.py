@@ -3,6 +3,7 @@
 subprocess."""
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -324,3 +325,155 @@ def test_muon_orthogonalises_q_k_and_v_apart():
     for part in jnp.split(updates["blocks"]["qkv"]["w"][0], 3, axis=-1):
         singular_values = np.linalg.svd(np.asarray(part), compute_uv=False)
         assert 0.5 < singular_values.min() and singular_values.max() < 1.5, singular_values
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer's settings against their definitions: make_optimizer's updates over a few steps
+# of known gradients, next to a few lines of numpy (float64) that write each definition out.
+
+
+def schedule_reference(config: TrainConfig, step: int) -> float:
+    """Linear warmup from 0, then a cosine from learning_rate down to min_lr, then min_lr."""
+    peak, floor, warmup = config.learning_rate, config.min_lr, config.warmup_steps
+    end = config.lr_decay_steps or config.max_steps
+    if step < warmup:
+        return peak * step / warmup
+    progress = min(1.0, (step - warmup) / (end - warmup))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def clip_reference(config: TrainConfig, grads: list[np.ndarray]) -> list[np.ndarray]:
+    """Scaled by grad_clip / global norm when the global norm is above grad_clip; 0: off."""
+    norm = math.sqrt(sum(float(np.sum(g**2)) for g in grads))
+    scale = config.grad_clip / norm if 0 < config.grad_clip < norm else 1.0
+    return [g * scale for g in grads]
+
+
+def known_gradients(params, norms: tuple[float, ...]) -> list:
+    """One gradient tree per step, of global norm norms[step]."""
+    rng = np.random.default_rng(0)
+    steps = []
+    for norm in norms:
+        leaves = [rng.standard_normal(p.shape) for p in jax.tree.leaves(params)]
+        scale = norm / math.sqrt(sum(np.sum(g**2) for g in leaves))
+        steps.append(jax.tree.unflatten(jax.tree.structure(params),
+                                        [(g * scale).astype(np.float32) for g in leaves]))
+    return steps
+
+
+def updates_of(config: TrainConfig, params, gradients) -> list[list[np.ndarray]]:
+    """make_optimizer's update at each step, the parameters moved by each."""
+    optimizer = optim.make_optimizer(config)
+    update, state, out = jax.jit(optimizer.update), optimizer.init(params), []
+    for grads in gradients:
+        updates, state = update(grads, state, params)
+        params = eqx.apply_updates(params, updates)
+        out.append([np.asarray(u, np.float64) for u in jax.tree.leaves(updates)])
+    return out
+
+
+def adamw_reference(config: TrainConfig, params, gradients) -> list[list[np.ndarray]]:
+    """Clip, then Adam with bias correction (eps 1e-8, optax's), plus decoupled weight decay on
+    the matrices (2-d in the model, 3-d when stacked in .blocks), times the scheduled lr."""
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    p = [np.asarray(a, np.float64) for a in jax.tree.leaves(params)]
+    decayed = [a.ndim - path.startswith(".blocks") >= 2 for path, a in zip(paths, p)]
+    m, v, out = [0.0] * len(p), [0.0] * len(p), []
+    for t, grads in enumerate(gradients, start=1):
+        g = clip_reference(config, [np.asarray(a, np.float64) for a in jax.tree.leaves(grads)])
+        lr, b1, b2 = schedule_reference(config, t - 1), config.beta1, config.beta2
+        m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
+        v = [b2 * vi + (1 - b2) * gi**2 for vi, gi in zip(v, g)]
+        step = [-lr * ((mi / (1 - b1**t)) / (np.sqrt(vi / (1 - b2**t)) + 1e-8)
+                       + config.weight_decay * pi * d) for mi, vi, pi, d in zip(m, v, p, decayed)]
+        p = [pi + si for pi, si in zip(p, step)]
+        out.append(step)
+    return out
+
+
+# Global gradient norms, above and below grad_clip=1: every step's lr is seen (warmup 2, cosine
+# to step 5, then min_lr).
+NORMS = (3.0, 0.2, 0.6, 2.5, 0.05, 1.5)
+DEFINED = TrainConfig(model=TINY, learning_rate=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=5,
+                      beta1=0.8, beta2=0.9, weight_decay=0.3, grad_clip=1.0)
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0, 100.0], ids=["clips", "off", "never_reached"])
+def test_adamw_is_clipping_then_adam_then_decay_on_matrices_at_the_scheduled_lr(grad_clip):
+    config = dataclasses.replace(DEFINED, grad_clip=grad_clip)
+    params = eqx.filter(GPT(TINY, key=jr.key(0)), eqx.is_array)
+    gradients = known_gradients(params, NORMS)
+    expected = adamw_reference(config, params, gradients)
+    for step, (got, want) in enumerate(zip(updates_of(config, params, gradients), expected)):
+        for a, b in zip(got, want):  # float32 against float64: a few ulps of the update
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-9, err_msg=f"step {step}")
+    # The clip matters at these gradients: without it (or with it) the steps would differ.
+    other = adamw_reference(dataclasses.replace(config, grad_clip=0.0 if grad_clip == 1.0 else 1.0),
+                            params, gradients)
+    assert not np.allclose(np.concatenate([u.ravel() for u in other[3]]),
+                           np.concatenate([u.ravel() for u in expected[3]]), rtol=1e-3)
+
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic (Jordan et al. 2024; optax's default)
+
+
+def orthogonalised(x: np.ndarray, steps: int) -> np.ndarray:
+    """Newton-Schulz on one matrix, Frobenius-normalised first, iterated on its wide form."""
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (np.linalg.norm(x) + 1e-8)
+    for _ in range(steps):
+        a = x @ x.T
+        x = NS_COEFFICIENTS[0] * x + (NS_COEFFICIENTS[1] * a + NS_COEFFICIENTS[2] * a @ a) @ x
+    return x.T if tall else x
+
+
+def muon_reference(config: TrainConfig, params, gradients, path: str) -> list[np.ndarray]:
+    """One Muon leaf's updates: clip (over all gradients), Nesterov momentum as optax writes it (an
+    average with bias correction), each layer's matrix (q, k and v apart) orthogonalised, NorMuon
+    with its beta2, scaled by sqrt(max(1, d_out/d_in)), decay added, at muon_learning_rate's
+    schedule (lr(t) * muon_learning_rate / learning_rate)."""
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    index = paths.index(path)
+    p = np.asarray(jax.tree.leaves(params)[index], np.float64)
+    parts = 3 if "qkv" in path else 1
+    beta, m, nu, out = config.muon_momentum, 0.0, {}, []
+    for t, grads in enumerate(gradients, start=1):
+        g = clip_reference(config, [np.asarray(a, np.float64) for a in jax.tree.leaves(grads)])[index]
+        m = beta * m + (1 - beta) * g
+        nesterov = beta * m / (1 - beta ** (t + 1)) + (1 - beta) * g / (1 - beta**t)
+        update = np.empty_like(p)
+        for layer, part in np.ndindex(p.shape[0], parts):
+            columns = slice(part * p.shape[2] // parts, (part + 1) * p.shape[2] // parts)
+            u = orthogonalised(nesterov[layer][:, columns], config.muon_ns_steps)
+            if config.normuon:
+                axis = -1 if u.shape[0] > u.shape[1] else -2
+                b2 = config.normuon_beta2
+                nu[layer, part] = (b2 * nu.get((layer, part), 0.0)
+                                   + (1 - b2) * np.mean(u**2, axis=axis, keepdims=True))
+                normed = u / np.sqrt(nu[layer, part])
+                u = normed * np.linalg.norm(u) / np.linalg.norm(normed)
+            update[layer][:, columns] = u * math.sqrt(max(1.0, u.shape[1] / u.shape[0]))
+        lr = schedule_reference(config, t - 1) * config.muon_learning_rate / config.learning_rate
+        step = -lr * (update + config.weight_decay * p)
+        p = p + step
+        out.append(step)
+    return out
+
+
+@pytest.mark.parametrize("switches", [dict(), dict(muon_momentum=0.5, muon_ns_steps=3),
+                                      dict(normuon=True, normuon_beta2=0.5)],
+                         ids=["defaults", "momentum_and_ns_steps", "normuon"])
+def test_muon_is_nesterov_momentum_orthogonalised_per_matrix_at_its_own_lr(switches):
+    config = dataclasses.replace(DEFINED, optimizer="muon", muon_learning_rate=0.05, **switches)
+    params = eqx.filter(GPT(TINY, key=jr.key(0)), eqx.is_array)
+    gradients = known_gradients(params, NORMS[:4])
+    got = updates_of(config, params, gradients)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for path in (".blocks.mlp.fc.weight", ".blocks.attn.qkv.weight"):
+        expected = muon_reference(config, params, gradients, path)
+        for step in range(len(gradients)):
+            # Newton-Schulz's five products in float32 against float64: ~1e-5 of the update
+            scale = np.abs(expected[step]).max()
+            np.testing.assert_allclose(got[step][paths.index(path)], expected[step],
+                                       atol=2e-4 * scale, rtol=0, err_msg=f"{path} step {step}")
