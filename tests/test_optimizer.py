@@ -408,8 +408,8 @@ def test_adamw_is_clipping_then_adam_then_decay_on_matrices_at_the_scheduled_lr(
         for a, b in zip(got, want):  # float32 against float64: a few ulps of the update
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-9, err_msg=f"step {step}")
     # The clip matters at these gradients: without it (or with it) the steps would differ.
-    other = adamw_reference(dataclasses.replace(config, grad_clip=0.0 if grad_clip == 1.0 else 1.0),
-                            params, gradients)
+    other_clip = 0.0 if grad_clip == 1.0 else 1.0
+    other = adamw_reference(dataclasses.replace(config, grad_clip=other_clip), params, gradients)
     assert not np.allclose(np.concatenate([u.ravel() for u in other[3]]),
                            np.concatenate([u.ravel() for u in expected[3]]), rtol=1e-3)
 
@@ -439,7 +439,8 @@ def muon_reference(config: TrainConfig, params, gradients, path: str) -> list[np
     parts = 3 if "qkv" in path else 1
     beta, m, nu, out = config.muon_momentum, 0.0, {}, []
     for t, grads in enumerate(gradients, start=1):
-        g = clip_reference(config, [np.asarray(a, np.float64) for a in jax.tree.leaves(grads)])[index]
+        g = clip_reference(config, [np.asarray(a, np.float64) for a in jax.tree.leaves(grads)])
+        g = g[index]
         m = beta * m + (1 - beta) * g
         nesterov = beta * m / (1 - beta ** (t + 1)) + (1 - beta) * g / (1 - beta**t)
         update = np.empty_like(p)

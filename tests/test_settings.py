@@ -6,12 +6,13 @@ fails for it until it has an entry in CHANGES (another valid value and what that
 observed here) or in OBSERVED_ELSEWHERE (why it cannot be observed here, and the test that does).
 
 test_changing_a_setting_changes_what_it_names sets one field of BASE to its CHANGES value and
-compares what the field claims to change against BASE: one optimizer's updates over six steps of
-fixed gradients, the learning-rate schedule, the model's shapes, output (in inference or training) or traced
-program, the batches and evaluation batches, the initial state, the FSDP placements, or a short
-training run's log and kept checkpoints. BASE is TrainConfig's defaults with a tiny model and run
-(so the file stays fast); a context (say optimizer="muon" for Muon's settings) is applied to both
-sides. Observations are cached, so each base is computed once.
+compares what the field claims to change against BASE: the optimizer's updates over six steps of
+fixed gradients, the learning-rate schedule, the model's shapes, its output (inference, or
+training's, with dropout) or its traced program, the batches and evaluation batches, the initial
+state, the FSDP placements, or a short training run's log and kept checkpoints. BASE is
+TrainConfig's defaults with a tiny model and run (so the file stays fast); a context (say
+optimizer="muon" for Muon's settings) is applied to both sides. Observations are cached: each
+base is computed once.
 """
 
 import ast
@@ -346,7 +347,8 @@ def observe_debug_run(config: TrainConfig, where):
 
 OBSERVERS: dict[str, Callable] = {
     "updates": observe_updates, "lr": observe_lr, "shapes": observe_shapes,
-    "logits": observe_logits, "training_logits": observe_training_logits, "program": observe_program,
+    "logits": observe_logits, "training_logits": observe_training_logits,
+    "program": observe_program,
     "batches": observe_batches, "state": observe_state, "placements": observe_placements,
     "run": observe_run, "debug_run": observe_debug_run,
 }
@@ -398,4 +400,5 @@ def test_changing_a_setting_changes_what_it_names(name, where):
     changed = with_setting(base, name, value)
     unchanged = [what for what in change.changes
                  if not differs(observe(what, base, where), observe(what, changed, where))]
-    assert not unchanged, f"{name}={value!r} (base {get_setting(base, name)!r}) left {unchanged} as they were"
+    assert not unchanged, (f"{name}={value!r} (base {get_setting(base, name)!r}) left {unchanged} "
+                           "as they were")
