@@ -39,9 +39,10 @@ import prepare_shakespeare
 import sharding
 import train
 from config import TrainConfig
-from model import GPT, GPT2_ARCHITECTURE, GPTConfig, forward, loss_fn
+from model import GPT, GPT2_ARCHITECTURE, GPTConfig, LayerNorm, RMSNorm, forward, loss_fn
 
 TESTS = Path(__file__).resolve().parent
+NORMS = (RMSNorm, LayerNorm)
 
 
 def setting_names(config, prefix: str = "") -> list[str]:
@@ -402,3 +403,19 @@ def test_changing_a_setting_changes_what_it_names(name, where):
                  if not differs(observe(what, base, where), observe(what, changed, where))]
     assert not unchanged, (f"{name}={value!r} (base {get_setting(base, name)!r}) left {unchanged} "
                            "as they were")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings read in several places: each place is checked, not only the first one seen
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_norm_eps_is_every_norms_epsilon(norm):
+    # model.norm_eps changes the output through the QK-norm alone: a norm that fell back to its
+    # own default epsilon would still pass test_changing_a_setting_changes_what_it_names.
+    config = dataclasses.replace(TINY, norm=norm, norm_eps=0.25)
+    abstract = eqx.filter_eval_shape(GPT, config, key=jr.key(0))
+    norms = [m for m in jax.tree.leaves(abstract, is_leaf=lambda m: isinstance(m, NORMS))
+             if isinstance(m, NORMS)]
+    assert len(norms) == 5  # the two before each block's parts, q's and k's, the final one
+    assert [m.eps for m in norms] == [0.25] * len(norms)
