@@ -394,7 +394,7 @@ def adamw_reference(config: TrainConfig, params, gradients) -> list[list[np.ndar
 # Global gradient norms, above and below grad_clip=1: every step's lr is seen (warmup 2, cosine
 # to step 5, then min_lr).
 NORMS = (3.0, 0.2, 0.6, 2.5, 0.05, 1.5)
-DEFINED = TrainConfig(model=TINY, learning_rate=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=5,
+DEFINED = TrainConfig(model=TINY, learning_rate=1e-2, min_lr=2e-3, warmup_steps=2, max_steps=5,
                       beta1=0.8, beta2=0.9, weight_decay=0.3, grad_clip=1.0)
 
 
