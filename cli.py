@@ -58,8 +58,8 @@ def run_cli(main) -> None:
 def use_compilation_cache() -> None:
     """JAX's persistent compilation cache for every script: a rerun, a resume, sample.py or eval.py
     finds the programs compiled before instead of compiling them again (BENCHMARKS.md, "Startup
-    and the compilation cache"). It lives in $XDG_CACHE_HOME/eqxgpt/jax (~/.cache/eqxgpt/jax); JAX_COMPILATION_CACHE_DIR moves
-    it, and set empty it turns it off."""
+    and the compilation cache"). It lives in $XDG_CACHE_HOME/eqxgpt/jax (~/.cache/eqxgpt/jax);
+    JAX_COMPILATION_CACHE_DIR moves it, and set empty it turns it off."""
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache_home / "eqxgpt" / "jax")
@@ -69,7 +69,8 @@ def use_compilation_cache() -> None:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     if "jax" in sys.modules:  # a script that imported jax first: the cache starts with its compile
         jax = sys.modules["jax"]
-        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"] or None)
+        folder = os.environ["JAX_COMPILATION_CACHE_DIR"] or None
+        jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs",
                           float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
     show_warning = warnings.showwarning
