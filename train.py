@@ -25,6 +25,7 @@ import checkpoints
 import data
 import evaluation
 import gpt2
+import memory
 from cli import UserError, bar_width
 from config import TrainConfig, with_data_vocab
 from model import GPT, flops_per_token, loss_fn, num_params
@@ -320,6 +321,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     train_batches, eval_batches, to_global = open_data(config, meta, mesh)
     data_files = data.file_stamps(config.data_dir)  # what the run reads, as it is now
     changes = checkpoints.check_rundir(config, rundir, meta, data_files)
+    abstract = abstract_state(config, mesh)
+    memory.check_state_fits(config, *abstract[:2])
     # From here Ctrl-C, SIGTERM and SIGHUP are noted, never raised mid-step or mid-save; a Ctrl-C
     # before the first step is done leaves the run directory as it was (as_found_unless_trained).
     with checkpoints.stop_signals() as stop_requested, \
@@ -331,7 +334,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             manager, set_aside = checkpoints.open_checkpoints(rundir, config.keep_checkpoints)
             stack.callback(manager.close)
             stack.callback(checkpoints.seal, manager)  # first: the last save on disk, checksummed
-        abstract = abstract_state(config, mesh)
+        stack.enter_context(memory.out_of_memory_is_user_error(config, rundir))
         model, opt_state, key_data, start, damaged = create_or_restore_state(
             config, abstract, manager, rundir, train_batches)
         if start >= config.max_steps:  # a finished run, started again: nothing to write
@@ -403,8 +406,10 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         while step < config.max_steps:
             # step: one optimizer step; its metrics stay on device until the next log line
             tokens, targets = next(batches)
-            model, opt_state, metrics = train_step(
-                model, opt_state, to_global(tokens), to_global(targets), np.int32(step), key_data)
+            args = (model, opt_state, to_global(tokens), to_global(targets), np.int32(step), key_data)
+            if step == start:  # the step compiles: refused here if it cannot fit
+                memory.check_step_fits(config, train_step, args)
+            model, opt_state, metrics = train_step(*args)
             pending.append((step, metrics))
             step += 1
             bar.update(1)  # host-side only: the bar reads no metric here
