@@ -66,7 +66,10 @@ def check_state_fits(config: TrainConfig, abstract_params, abstract_opt) -> None
 
 def check_step_fits(config: TrainConfig, train_step, args) -> None:
     """Compiles the step for args (the call that follows reuses the program) and refuses it when
-    its buffers beyond the arguments already in memory cannot fit in a device's free memory."""
+    its buffers beyond the arguments already in memory cannot fit in a device's free memory.
+    A step wrapped in a plain function (no .lower) is not analysed: its first call compiles it."""
+    if not hasattr(train_step, "lower"):
+        return
     with warnings.catch_warnings():  # as equinox's own call: the batch's buffers are not reused
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         compiled = train_step.lower(*args).compile()
