@@ -171,7 +171,7 @@ def score_split(model, place, meta: dict, data_dir, split: str, batch_size: int,
     # vocab_limit: the padding of a rounded-up vocab_size (GPT-2: 50257 -> 50304) is no token
     vocab_limit = meta["vocab_size"] if meta["vocab_size"] < model.config.vocab_size else None
     layout = {"example_length": meta.get("example_length"), "loss_mask": meta.get("loss_mask")}
-    status(f"scoring every token of {data_dir}/{split}.bin ({len(tokens):,} tokens) with "
+    status(f"scoring every token of {tokens.filename} ({len(tokens):,} tokens) with "
            f"{source}, {model.config.compute_dtype}")
     for inputs, targets in itertools.islice(evaluation.window_batches(
             tokens, model.config.block_size, batch_size, **layout), 1):  # compile, untimed

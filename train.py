@@ -8,6 +8,7 @@ line on top of `train`.
 """
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -222,6 +223,13 @@ def open_data(config: TrainConfig, meta: dict, mesh):
     return train_batches, eval_batches, to_global
 
 
+def data_files_read_before(rundir: Path) -> dict | None:
+    """The data's files (data.file_stamps) as the run in rundir last read them, if it has run."""
+    path = rundir / "config.json"  # check_rundir has read it: valid JSON when it exists
+    recorded = json.loads(path.read_text()).get("data") if path.exists() else None
+    return recorded.get("files") if isinstance(recorded, dict) else None
+
+
 def create_or_restore_state(config: TrainConfig, abstract, manager, rundir: Path, train_batches):
     """(model, opt_state, dropout key data, step, notes): restored from the newest intact
     checkpoint (which also moves train_batches on to its step), else initialised (or GPT-2's,
@@ -320,6 +328,11 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     train_batches, eval_batches, to_global = open_data(config, meta, mesh)
     data_files = data.file_stamps(config.data_dir)  # what the run reads, as it is now
     changes = checkpoints.check_rundir(config, rundir, meta, data_files)
+    if (before := data_files_read_before(rundir)) and \
+            (problem := data.shards_changed_since(config.data_dir, before)):
+        raise UserError(f"{rundir} was trained on other data files: {problem} (shards carry no "
+                        "hash that could tell the same tokens from others): restore the run's "
+                        "files, or start a new --rundir")
     # From here Ctrl-C, SIGTERM and SIGHUP are noted, never raised mid-step or mid-save; a Ctrl-C
     # before the first step is done leaves the run directory as it was (as_found_unless_trained).
     with checkpoints.stop_signals() as stop_requested, \
