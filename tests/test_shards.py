@@ -253,6 +253,8 @@ DAMAGE = {  # what is done to fineweb_train_000002.bin, and what the one line sa
     "wrong version": (lambda p: header_of(p, version=2), "is version 2 of the shard format"),
     "count above the size": (lambda p: header_of(p, count=3101),
                              "has 7,224 bytes, and its header's 3,101 tokens make 7,226"),
+    "count below the size": (lambda p: header_of(p, count=3099),
+                             "has 7,224 bytes, and its header's 3,099 tokens make 7,222"),
     "truncated": (lambda p: os.truncate(p, os.stat(p).st_size - 2),
                   "has 7,222 bytes, and its header's 3,100 tokens make 7,224"),
     "shorter than the header": (lambda p: os.truncate(p, 1000),
