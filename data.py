@@ -458,7 +458,8 @@ class TokenFile(Tokens):
 
     def __init__(self, path, dtype, n: int, offset: int = 0,
                  fix: str = "restore it (or prepare the dataset again)"):
-        self.path, self.dtype, self.n, self.offset, self.fix = Path(path), np.dtype(dtype), n, offset, fix
+        self.path, self.dtype, self.n = Path(path), np.dtype(dtype), n
+        self.offset, self.fix = offset, fix
         self.filename = str(path)
         self.fd = os.open(path, os.O_RDONLY)
         weakref.finalize(self, os.close, self.fd)

@@ -39,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default="auto",
                         help="latest, best (lowest val loss) or a step number (default: best when "
                         "a checkpoint has a val loss, else latest)")
-    parser.add_argument("--data_dir", help="a prepared dataset (default: the run's; none for "
-                        "--init_from, which then scores only --hellaswag)")
+    parser.add_argument("--data_dir", help="a prepared dataset or FineWeb shards (default: the "
+                        "run's; none for --init_from, which then scores only --hellaswag)")
     parser.add_argument("--split", choices=data.SPLITS, default="val",
                         help="the split whose every token is scored (default val)")
     parser.add_argument("--hellaswag", help="a HellaSwag jsonl (its own format, e.g. "
