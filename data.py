@@ -25,6 +25,7 @@ are the train split, one stream in sorted order, *_val_* the val split; they are
 and their meta is GPT-2's BPE (shard_meta).
 """
 
+import bisect
 import glob
 import hashlib
 import json
@@ -58,7 +59,7 @@ IGNORE = -1  # a target no loss counts (as nanoGPT's ignore_index=-1): model.los
 
 def prepare_command(data_dir) -> str:
     name = Path(data_dir).name
-    if name.startswith("fineweb"):  # shards are downloaded, not prepared (README, FineWeb shards)
+    if name == "fineweb10B":  # shards are downloaded, not prepared (README, FineWeb shards)
         return FINEWEB_DOWNLOAD.format(data_dir)
     if name not in PREPARE_COMMANDS:
         return f"python prepare_<dataset>.py --out_dir {data_dir}"
@@ -120,8 +121,10 @@ def shards_changed_since(data_dir, stamps: dict) -> str | None:
     if problem := changed_since(data_dir, stamps):
         return problem
     added = sorted(set(now) - set(stamps))
-    return added and (f"{added[0]} is new ({len(added)} shard(s) more than the {len(stamps)} "
-                      "the run read; a glob can name exactly the run's)") or None
+    if not added:
+        return None
+    return (f"{added[0]} is new ({len(added)} shard(s) more than the {len(stamps)} the run "
+            "read; a glob can name exactly the run's)")
 
 
 def read_text(path) -> str:
@@ -482,23 +485,25 @@ class ShardStream(Tokens):
 
     def __init__(self, shards: list[TokenFile], vocab_size: int):
         self.shards, self.vocab_size, self.dtype = shards, vocab_size, np.dtype(SHARD_DTYPE)
-        self.starts = np.cumsum([0] + [len(shard) for shard in shards])  # each shard's first id
-        self.n = int(self.starts[-1])
+        self.starts = np.cumsum([0] + [len(shard) for shard in shards]).tolist()  # first ids
+        self.n = self.starts[-1]
         first, last = shards[0].path, shards[-1].path
         self.filename = str(first) if len(shards) == 1 else \
             str(first.parent / f"{first.name} .. {last.name} ({len(shards)} shards)")
 
     def _read(self, start: int, count: int) -> np.ndarray:
-        pieces, stop = [], start + count
-        for shard, begin in zip(self.shards, self.starts[:-1].tolist()):
-            if begin < stop and start < begin + len(shard):
-                piece = shard[max(start - begin, 0) : stop - begin]
-                # checked here, not only by BatchSampler, so that the error names the shard
-                if piece.size and piece.max() >= self.vocab_size:
-                    raise UserError(f"{shard.path} holds token id {piece.max()}, outside GPT-2's "
-                                    f"vocabulary of {self.vocab_size}: it is no GPT-2 shard; "
-                                    f"{SHARD_FIX}")
-                pieces.append(piece)
+        stop, pieces = start + count, []
+        i = bisect.bisect_right(self.starts, start) - 1  # the shard that holds start
+        while i < len(self.shards) and (not pieces or self.starts[i] < stop):
+            shard, begin = self.shards[i], self.starts[i]
+            piece = shard[max(start - begin, 0) : stop - begin]
+            # checked here, not only by BatchSampler, so that the error names the shard
+            if piece.size and piece.max() >= self.vocab_size:
+                raise UserError(f"{shard.path} holds token id {piece.max()}, outside GPT-2's "
+                                f"vocabulary of {self.vocab_size}: it is no GPT-2 shard; "
+                                f"{SHARD_FIX}")
+            pieces.append(piece)
+            i += 1
         return np.concatenate(pieces) if len(pieces) > 1 else \
             (pieces[0] if pieces else np.empty(0, self.dtype))
 

@@ -127,6 +127,20 @@ def test_the_shards_read_as_one_stream_in_order_across_their_boundaries(shard_di
                                   tokens[sum(TRAIN_SIZES):])
 
 
+def test_every_slice_of_small_shards_and_an_empty_one_is_the_concatenations(tmp_path):
+    sizes, rng = (3, 0, 5, 1, 4), np.random.default_rng(0)
+    pieces = [rng.integers(0, 50257, n).astype(np.uint16) for n in sizes]
+    for i, ids in enumerate(pieces):
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", ids)
+    write_shard(tmp_path / "fineweb_val_000000.bin", pieces[0])
+    stream = data.open_split(tmp_path, "train", data.load_meta(tmp_path))
+    whole = np.concatenate(pieces)
+    for start in range(len(whole) + 2):
+        for stop in range(len(whole) + 2):
+            np.testing.assert_array_equal(stream[start:stop], whole[start:stop])
+    assert [stream[i] for i in range(-len(whole), len(whole))] == whole.tolist() * 2
+
+
 def test_a_glob_names_the_same_shards_as_their_folder(shard_dir):
     by_folder = data.load_meta(shard_dir)
     by_glob = data.load_meta(f"{shard_dir}/fineweb_*.bin")
