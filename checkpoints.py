@@ -167,6 +167,10 @@ def check_rundir(config: TrainConfig, rundir: Path, meta: dict | None = None,
                                 "sha256 differs from config.json's, though meta.json did not "
                                 "change): restore it, or prepare the data again and start a new "
                                 "--rundir")
+    if read_before and (problem := data.shards_changed_since(config.data_dir, read_before)):
+        raise UserError(f"{rundir} was trained on other data files: {problem} (shards carry no "
+                        "hash that could tell the same tokens from others): restore the run's "
+                        "files, or start a new --rundir")
     old = {**dataclasses.asdict(previous), **flat_model(previous)}
     new = {**dataclasses.asdict(config), **flat_model(config)}
     changes = {name: (old.get(name), value) for name, value in new.items()

@@ -39,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default="auto",
                         help="latest, best (lowest val loss) or a step number (default: best when "
                         "a checkpoint has a val loss, else latest)")
-    parser.add_argument("--data_dir", help="a prepared dataset (default: the run's; none for "
-                        "--init_from, which then scores only --hellaswag)")
+    parser.add_argument("--data_dir", help="a prepared dataset or FineWeb shards (default: the "
+                        "run's; none for --init_from, which then scores only --hellaswag)")
     parser.add_argument("--split", choices=data.SPLITS, default="val",
                         help="the split whose every token is scored (default val)")
     parser.add_argument("--hellaswag", help="a HellaSwag jsonl (its own format, e.g. "
@@ -171,7 +171,7 @@ def score_split(model, place, meta: dict, data_dir, split: str, batch_size: int,
     # vocab_limit: the padding of a rounded-up vocab_size (GPT-2: 50257 -> 50304) is no token
     vocab_limit = meta["vocab_size"] if meta["vocab_size"] < model.config.vocab_size else None
     layout = {"example_length": meta.get("example_length"), "loss_mask": meta.get("loss_mask")}
-    status(f"scoring every token of {data_dir}/{split}.bin ({len(tokens):,} tokens) with "
+    status(f"scoring every token of {tokens.filename} ({len(tokens):,} tokens) with "
            f"{source}, {model.config.compute_dtype}")
     for inputs, targets in itertools.islice(evaluation.window_batches(
             tokens, model.config.block_size, batch_size, **layout), 1):  # compile, untimed
