@@ -449,17 +449,19 @@ def as_found_unless_trained(rundir: Path):
         yield lambda: started.append(True)
     except (KeyboardInterrupt, UserError):
         if not started and jax.process_index() == 0 and rundir.exists():
-            if not existed:
-                shutil.rmtree(rundir)
-            else:
-                for name in set(os.listdir(rundir)) - entries - {"incomplete_checkpoints",
-                                                                   "damaged_checkpoints"}:
-                    path = rundir / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                if config_before is not None:
-                    write_bytes_atomic(rundir / "config.json", config_before)
-                if log_size is not None:
-                    os.truncate(rundir / "log.txt", log_size)
+            # best effort: a refusal for a read-only or full run directory may undo nothing there
+            with contextlib.suppress(OSError):
+                if not existed:
+                    shutil.rmtree(rundir)
+                else:
+                    for name in set(os.listdir(rundir)) - entries - {"incomplete_checkpoints",
+                                                                       "damaged_checkpoints"}:
+                        path = rundir / name
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    if config_before is not None:
+                        write_bytes_atomic(rundir / "config.json", config_before)
+                    if log_size is not None:
+                        os.truncate(rundir / "log.txt", log_size)
         raise
 
 
