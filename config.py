@@ -70,9 +70,10 @@ class TrainConfig:
                      "target_val_loss"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be a number >= 0")
-        # the run stops when the scale falls below 1 (float16 overflowed unscaled): start above
-        if not (math.isfinite(self.loss_scale_init) and self.loss_scale_init >= 1):
-            raise ValueError(f"loss_scale_init={self.loss_scale_init}: must be a number >= 1")
+        # the run stops when the scale falls below 1 (float16 overflowed unscaled); it is a float32
+        if not 1 <= self.loss_scale_init < 2.0**128:
+            raise ValueError(f"loss_scale_init={self.loss_scale_init}: must be a number in "
+                             "[1, 2**128), e.g. 65536")
         if self.seed >= 2**63:  # jax.random.key takes a signed 64-bit seed
             raise ValueError(f"seed={self.seed}: must be < 2**63")
         if self.learning_rate == 0:
