@@ -81,6 +81,11 @@ def test_loss_scaling_lets_float16_follow_float32_where_unscaled_float16_does_no
             # a scale of 1 that never grows in 100 steps: float16 without loss scaling
             "float16, unscaled": in_dtype(config, "float16", loss_scale_init=1.0)}
     metrics = {name: step_metrics(run_config, data_dir) for name, run_config in runs.items()}
+    # the step unscales what it hands the optimizer: float16's first gradient is float32's, to
+    # float16's precision (AdamW alone would not tell: it divides any factor out)
+    first = {name: float(rows[0]["grad_norm"]) for name, rows in metrics.items()}
+    np.testing.assert_allclose(first["float16, scaled"], first["float32"], rtol=0.01,
+                               err_msg=f"first grad norms: {first}")
     assert {float(m["loss_scale"]) for m in metrics["float16, unscaled"]} == {1.0}
     assert not any(m["skipped"] for m in metrics["float16, unscaled"])
     # the loss at the end, the mean of the last 10 steps, in the loss's own units
