@@ -42,7 +42,7 @@ class GPTConfig:
     unroll_layers: bool = True  # unroll the layer scan when compiling: faster steps, longer compiles
     # "float16": with dynamic loss scaling (TrainConfig.loss_scale_*), for GPUs without bfloat16;
     # "auto": bfloat16 where the device has it, else float16 (pick_compute_dtype)
-    compute_dtype: str = "bfloat16"  # "bfloat16", "float16", "float32" or "auto"; params stay float32
+    compute_dtype: str = "bfloat16"  # "bfloat16", "float16", "float32" or "auto"; params: float32
     # Architecture switches; GPT-2 itself is GPT2_ARCHITECTURE (below), so its weights load
     position_embedding: str = "rope"  # "rope" (rotary, inside attention) or "learned" (GPT-2)
     norm: str = "rms"  # "rms" (RMSNorm, a gain only) or "layer" (LayerNorm, as GPT-2)

@@ -177,8 +177,8 @@ def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]
         if "loss_scale" in metrics and float(metrics["loss_scale"]) < 1:
             raise UserError(f"float16 overflowed at every step up to step {step + 1}: the loss "
                             f"scale fell to {float(metrics['loss_scale']):g} (below 1) after "
-                            f"{int(metrics['skipped_steps'])} skipped steps; {kept}: use "
-                            "--model.compute_dtype=bfloat16 (or float32), or lower --learning_rate")
+                            f"{int(metrics['skipped_steps'])} skipped steps; {kept}: use --model."
+                            "compute_dtype=bfloat16 (or float32), or lower --learning_rate")
         if metrics.get("skipped", False):
             continue
         for name in ("loss", "grad_norm"):

@@ -33,7 +33,8 @@ from test_train import REPO, params_of, run, scalars, tiny_config
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, shakespeare_input) -> str:
     out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    run([REPO / "prepare_shakespeare.py", "--input", shakespeare_input, "--out_dir", out], check=True)
+    run([REPO / "prepare_shakespeare.py", "--input", shakespeare_input, "--out_dir", out],
+        check=True)
     return str(out)
 
 
@@ -241,7 +242,8 @@ def test_auto_picks_bfloat16_on_a_cpu_and_float16_before_ampere(data_dir, tmp_pa
         model, _, _ = eval_py.load(eval_py.parse_args([f"--rundir={tmp_path / 'run'}",
                                                        f"--dtype={asked}"]))
         assert model.config.compute_dtype == expected_dtype
-        assert sample.parse_args([f"--rundir={tmp_path / 'run'}", f"--dtype={asked}"]).dtype == asked
+        args = sample.parse_args([f"--rundir={tmp_path / 'run'}", f"--dtype={asked}"])
+        assert args.dtype == asked
         assert sample.with_dtype(model, asked).config.compute_dtype == expected_dtype
 
 
