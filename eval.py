@@ -48,9 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8,
                         help="sequences per forward pass; HellaSwag takes batch_size // 4 items "
                         "of 4 endings (default 8)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"),
-                        help="compute dtype (default: the run's model.compute_dtype; float32 for "
-                        "--init_from)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "auto"),
+                        help="compute dtype; auto: bfloat16, or float16 on GPUs without it "
+                        "(default: the run's model.compute_dtype; float32 for --init_from)")
     parser.add_argument("--out", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if bool(args.rundir) == bool(args.init_from):
@@ -90,7 +90,7 @@ def load(args):
     checkpoint's step or None)."""
     import dataclasses
 
-    from model import with_config
+    from model import pick_compute_dtype, with_config
 
     if args.init_from:
         import gpt2
@@ -109,6 +109,8 @@ def load(args):
         rows = NamedSharding(make_mesh(config), P(("data", "fsdp")))
         place = lambda batch: jax.device_put(batch, rows)  # noqa: E731
     dtype = args.dtype or ("float32" if args.init_from else model.config.compute_dtype)
+    if dtype == "auto":
+        dtype, _ = pick_compute_dtype(jax.devices()[0])
     if dtype != model.config.compute_dtype:
         model = with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))
     return model, place, step

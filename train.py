@@ -8,6 +8,7 @@ line on top of `train`.
 """
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -28,8 +29,8 @@ import gpt2
 import memory
 from cli import UserError, bar_width
 from config import TrainConfig, with_data_vocab
-from model import GPT, flops_per_token, loss_fn, num_params
-from optim import lr_schedule, make_optimizer
+from model import GPT, flops_per_token, loss_fn, num_params, with_picked_dtype
+from optim import loss_scale, loss_scale_metrics, lr_schedule, make_optimizer
 from sharding import abstract_model, batch_sharding, make_mesh, shardings_of, with_shardings
 
 
@@ -78,9 +79,18 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
         """One optimizer step over grad_accum micro-batches; metrics stay on device."""
         params = eqx.filter(model, eqx.is_array)
         key = jr.fold_in(jr.wrap_key_data(key_data), step)  # dropout: a function of (seed, step)
+        scale = loss_scale(opt_state)  # None but under float16 compute
 
         def loss_and_grads(x, y, micro_key):
-            return eqx.filter_value_and_grad(loss_fn)(model, x, y, key=micro_key)
+            if scale is None:
+                return eqx.filter_value_and_grad(loss_fn)(model, x, y, key=micro_key)
+
+            def scaled_loss(model):  # float16: gradients scaled up past its smallest numbers
+                loss = loss_fn(model, x, y, key=micro_key)
+                return loss * scale, loss
+
+            (_, loss), grads = eqx.filter_value_and_grad(scaled_loss, has_aux=True)(model)
+            return loss, grads
 
         def accumulate(grad_sum, micro_batch):
             loss, grads = loss_and_grads(*micro_batch)
@@ -93,6 +103,8 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
             zeros = jax.tree.map(jnp.zeros_like, params)
             grad_sum, losses = jax.lax.scan(accumulate, zeros, (tokens, targets, micro_keys))
             grads = jax.tree.map(lambda g: g / config.grad_accum, grad_sum)
+        if scale is not None:  # in float32, as the parameters: the true gradients, or not finite
+            grads = jax.tree.map(lambda g: g / scale, grads)
         # Gradients land sharded like their parameters (a reduce-scatter, not an all-reduce).
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -102,6 +114,8 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
         opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings)
         grad_norm = optax.tree_utils.tree_norm(grads)
         metrics = {"loss": losses.mean(), "grad_norm": grad_norm, "lr": schedule(step)}
+        if scale is not None:
+            metrics |= loss_scale_metrics(opt_state)
         return model, opt_state, metrics
 
     return train_step
@@ -154,15 +168,23 @@ def throughput(config: TrainConfig, seconds_per_step: float, devices: int):
 
 
 def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]:
-    """Reads the metrics held on device (the loop's only host sync); stops on NaN/inf."""
+    """Reads the metrics held on device (the loop's only host sync); stops on NaN/inf, and under
+    float16 when its steps keep overflowing (a skipped step is no NaN: its grads were dropped)."""
     steps = [step for step, _ in pending]
     rows = list(zip(steps, jax.device_get([metrics for _, metrics in pending])))  # one transfer
+    kept = (f"the last good checkpoint (step {last_good}) is kept" if last_good
+            else "no checkpoint was written")
     for step, metrics in rows:
+        if "loss_scale" in metrics and float(metrics["loss_scale"]) < 1:
+            raise UserError(f"float16 overflowed at every step up to step {step + 1}: the loss "
+                            f"scale fell to {float(metrics['loss_scale']):g} (below 1) after "
+                            f"{int(metrics['skipped_steps'])} skipped steps; {kept}: use --model."
+                            "compute_dtype=bfloat16 (or float32), or lower --learning_rate")
+        if metrics.get("skipped", False):
+            continue
         for name in ("loss", "grad_norm"):
             if math.isfinite(float(metrics[name])):
                 continue
-            kept = (f"the last good checkpoint (step {last_good}) is kept" if last_good
-                    else "no checkpoint was written")
             raise UserError(f"{name.replace('_', ' ')} is {float(metrics[name])} at step {step + 1}; "
                             f"{kept}: lower --learning_rate or raise --warmup_steps")
     pending.clear()
@@ -317,6 +339,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     meta = data.load_meta(config.data_dir)
     vocab_from_data = not config.model.vocab_size
     config = with_data_vocab(config, meta)
+    model_config, picked = with_picked_dtype(config.model, jax.devices()[0])  # "auto" resolved
+    config = dataclasses.replace(config, model=model_config)  # config.json records the pick
     mesh = make_mesh(config)
     train_batches, eval_batches, to_global = open_data(config, meta, mesh)
     data_files = data.file_stamps(config.data_dir)  # what the run reads, as it is now
@@ -355,6 +379,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             log(note)
         if damaged:
             log(f"resuming from the newest intact checkpoint, step {start}")
+        if picked:
+            log(picked)
         if vocab_from_data:
             log(f"model.vocab_size={config.model.vocab_size}: the data's (from "
                 f"{Path(config.data_dir) / 'meta.json'}, {meta['tokenizer']} tokens)")
@@ -390,10 +416,15 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             nonlocal last_grad_norm
             rows = check_finite(pending, last_saved)
             for row_step, row in rows:
-                for name in ("loss", "lr", "grad_norm"):
+                # a skipped float16 step has no gradient norm, only a count and a new scale
+                skipped = row.get("skipped", False)
+                for name in ("loss", "lr") + ("grad_norm",) * (not skipped):
                     scalar(f"train/{name}", float(row[name]), row_step + 1)
-            if rows:
-                last_grad_norm = float(rows[-1][1]["grad_norm"])
+                for name in ("loss_scale", "skipped_steps"):
+                    if name in row:
+                        scalar(f"train/{name}", float(row[name]), row_step + 1)
+            if applied := [row for _, row in rows if not row.get("skipped", False)]:
+                last_grad_norm = float(applied[-1]["grad_norm"])
             return rows
 
         def refuse_to_save(problem: str):
@@ -441,7 +472,9 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                     last = {name: float(value) for name, value in rows[-1][1].items()}
                     log(f"step {step} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | grad "
                         f"norm {last['grad_norm']:.3f} | {seconds * 1e3:.1f} ms/step | "
-                        f"{tokens_per_s:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'}",
+                        f"{tokens_per_s:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'}"
+                        + (f" | loss scale {last['loss_scale']:,.0f} | skipped "
+                           f"{last['skipped_steps']:,.0f}" if "loss_scale" in last else ""),
                         step_line=True)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                     scalar("perf/ms_per_step", seconds * 1e3, step)
