@@ -124,6 +124,7 @@ REFUSED_ON_RESUME = {
     "seed": "batches and dropout keep the checkpoint's seed",
     "init_from": "the weights come from the checkpoint",
     "optimizer": "the checkpoint holds the state of the optimizer it was trained with",
+    "loss_scale_init": "the checkpoint carries the loss scale it reached",
 }
 # ... and the model, except how the same function is computed (not what it computes).
 MODEL_MAY_CHANGE_ON_RESUME = ("attention", "remat", "unroll_layers")

@@ -18,6 +18,7 @@ import pytest
 
 import data
 import eval as eval_py
+import bench
 import launch
 import optim
 import sample
@@ -262,3 +263,20 @@ def test_bad_loss_scaling_values_are_refused_in_one_line(override, words, tmp_pa
     one_line_error(lambda: launch.main(["--config=shakespeare_char_cpu", f"--rundir={rundir}",
                                         override]), capsys, *words)
     assert not rundir.exists()
+
+
+def test_bench_times_the_dtype_auto_picks(data_dir, capsys):
+    bench.main(["--config=shakespeare_char_cpu", f"--data_dir={data_dir}", "--steps=1",
+                "--warmup=0", "--model.n_layer=1", "--model.n_embd=32", "--model.n_head=2",
+                "--model.block_size=16", "--batch_size=2", "--model.compute_dtype=auto"])
+    out = capsys.readouterr().out
+    assert "compute_dtype=auto: bfloat16" in out and "| compute bfloat16 |" in out, out
+
+
+def test_a_resume_cannot_change_the_loss_scale_the_checkpoint_carries(data_dir, tmp_path):
+    rundir = tmp_path / "run"
+    train.train(tiny_config(data_dir, max_steps=2, eval_interval=2), rundir)
+    with pytest.raises(UserError, match="loss_scale_init=65536.0, and loss_scale_init=1024.0 "
+                                        "cannot take effect on resume"):
+        train.train(tiny_config(data_dir, max_steps=4, eval_interval=2, loss_scale_init=1024.0),
+                    rundir)
