@@ -330,6 +330,84 @@ def evaluate_tasks(model, config: TrainConfig, meta: dict, step: int, log, scala
         scalar("eval/hellaswag_acc_norm", scores["acc_norm"], step)
 
 
+def start_notes(config: TrainConfig, rundir: Path, meta: dict, set_aside: list, damaged: list,
+                start: int, picked: str | None, vocab_from_data: bool, changes: dict) -> list[str]:
+    """What a start found and decided, each a line of the log: checkpoints set aside, the dtype
+    "auto" picked, the vocabulary read from the data, the settings a resume changed, a run that
+    ends inside its warmup."""
+    notes = []
+    if set_aside:
+        notes.append(f"incomplete checkpoints (a crash mid-save) moved to "
+                     f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
+    notes += damaged
+    if damaged:
+        notes.append(f"resuming from the newest intact checkpoint, step {start}")
+    if picked:
+        notes.append(picked)
+    if vocab_from_data:
+        notes.append(f"model.vocab_size={config.model.vocab_size}: the data's (from "
+                     f"{Path(config.data_dir) / 'meta.json'}, {meta['tokenizer']} tokens)")
+    if changes:
+        notes.append("resumed with " + ", ".join(f"{name} {old!r} -> {new!r}"
+                                                 for name, (old, new) in changes.items()))
+    if config.warmup_steps >= config.max_steps:  # a short try run: never refused for it
+        notes.append(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the run "
+                     f"ends inside the warmup, its last step at lr "
+                     f"{float(lr_schedule(config)(config.max_steps - 1)):.2e} of the peak "
+                     f"{config.learning_rate:.2e}")
+    return notes
+
+
+def starting_line(config: TrainConfig, rundir: Path, model, mesh, start: int) -> str:
+    processes = f" in {jax.process_count()} processes" * (jax.process_count() > 1)
+    return (f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
+            f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
+            f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices"
+            f"{processes} | {config.tokens_per_step:,} tokens/step | rundir {rundir}")
+
+
+def step_line(step: int, last: dict, seconds: float, tokens_per_s: float, mfu) -> str:
+    """The log line of a log_interval: the last step's metrics, the speed since the last line."""
+    scaling = (f" | loss scale {last['loss_scale']:,.0f} | skipped {last['skipped_steps']:,.0f}"
+               if "loss_scale" in last else "")  # float16's loss scaling
+    return (f"step {step} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | grad norm "
+            f"{last['grad_norm']:.3f} | {seconds * 1e3:.1f} ms/step | {tokens_per_s:,.0f} tok/s | "
+            f"MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{scaling}")
+
+
+def write_step_scalars(scalar, rows: list[tuple[int, dict]]) -> None:
+    for step, row in rows:
+        # a skipped float16 step has no gradient norm, only a count and a new scale
+        skipped = row.get("skipped", False)
+        for name in ("loss", "lr") + ("grad_norm",) * (not skipped):
+            scalar(f"train/{name}", float(row[name]), step + 1)
+        for name in ("loss_scale", "skipped_steps"):
+            if name in row:
+                scalar(f"train/{name}", float(row[name]), step + 1)
+
+
+def check_data_unchanged(config: TrainConfig, data_files: dict, step: int, last_saved, rundir):
+    """Refuses to go on (and to save) when the data's files changed under the running job."""
+    if problem := data.changed_since(config.data_dir, data_files):
+        raise UserError(f"{problem} under the running job (noticed at step {step}; the last "
+                        f"checkpoint, step {last_saved}, was saved before): restore it, then "
+                        f"rerun with --rundir={rundir}")
+
+
+def not_counted(compile_seconds: float, evaluations: int, eval_seconds: float) -> str:
+    return (f"(the first step's {compile_seconds:.1f}s with compilation and {evaluations} "
+            f"evaluations' {eval_seconds:.1f}s not counted)")
+
+
+def stopped_line(how: str, step: int, rundir: Path, manager) -> str:
+    """The last line of a run stopped by a signal, once its checkpoint is on disk."""
+    if manager is None:
+        return f"{how} at step {step} (--debug: no checkpoints)"
+    checkpoints.seal(manager)  # on disk, with its checksums, before the line says so
+    return (f"{how} at step {step}: checkpoint saved (on disk); rerun with --rundir={rundir} to "
+            "resume")
+
+
 def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     """Trains (or resumes) the run in rundir; returns the final model. debug: a profile of a few
     steps, and no checkpoints."""
@@ -372,31 +450,10 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             raise KeyboardInterrupt
         log, scalar, bar = stack.enter_context(run_outputs(config, rundir, meta, data_files, start,
                                                                   changes))
-        if set_aside:
-            log(f"incomplete checkpoints (a crash mid-save) moved to "
-                f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
-        for note in damaged:
-            log(note)
-        if damaged:
-            log(f"resuming from the newest intact checkpoint, step {start}")
-        if picked:
-            log(picked)
-        if vocab_from_data:
-            log(f"model.vocab_size={config.model.vocab_size}: the data's (from "
-                f"{Path(config.data_dir) / 'meta.json'}, {meta['tokenizer']} tokens)")
-        if changes:
-            log("resumed with " + ", ".join(f"{name} {old!r} -> {new!r}"
-                                            for name, (old, new) in changes.items()))
-        if config.warmup_steps >= config.max_steps:  # a short try run: never refused for it
-            log(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the run ends "
-                f"inside the warmup, its last step at lr "
-                f"{float(lr_schedule(config)(config.max_steps - 1)):.2e} of the peak "
-                f"{config.learning_rate:.2e}")
-        log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
-            f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
-            f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices"
-            f"{f' in {jax.process_count()} processes' * (jax.process_count() > 1)} | "
-            f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
+        for line in start_notes(config, rundir, meta, set_aside, damaged, start, picked,
+                                vocab_from_data, changes):
+            log(line)
+        log(starting_line(config, rundir, model, mesh, start))
         batches = stack.enter_context(contextlib.closing(train_batches.prefetch()))
 
         step, last_saved, pending = start, (start or None), []  # pending: metrics still on device
@@ -415,14 +472,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             """Reads the pending metrics (one sync), stops on NaN, writes each step's scalars."""
             nonlocal last_grad_norm
             rows = check_finite(pending, last_saved)
-            for row_step, row in rows:
-                # a skipped float16 step has no gradient norm, only a count and a new scale
-                skipped = row.get("skipped", False)
-                for name in ("loss", "lr") + ("grad_norm",) * (not skipped):
-                    scalar(f"train/{name}", float(row[name]), row_step + 1)
-                for name in ("loss_scale", "skipped_steps"):
-                    if name in row:
-                        scalar(f"train/{name}", float(row[name]), row_step + 1)
+            write_step_scalars(scalar, rows)
             if applied := [row for _, row in rows if not row.get("skipped", False)]:
                 last_grad_norm = float(applied[-1]["grad_norm"])
             return rows
@@ -470,12 +520,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                     seconds = (time.perf_counter() - step_timer) / (step - timed_from)
                     tokens_per_s, mfu = throughput(config, seconds, mesh.size)
                     last = {name: float(value) for name, value in rows[-1][1].items()}
-                    log(f"step {step} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | grad "
-                        f"norm {last['grad_norm']:.3f} | {seconds * 1e3:.1f} ms/step | "
-                        f"{tokens_per_s:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'}"
-                        + (f" | loss scale {last['loss_scale']:,.0f} | skipped "
-                           f"{last['skipped_steps']:,.0f}" if "loss_scale" in last else ""),
-                        step_line=True)
+                    log(step_line(step, last, seconds, tokens_per_s, mfu), step_line=True)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                     scalar("perf/ms_per_step", seconds * 1e3, step)
                     scalar("perf/tokens_per_s", tokens_per_s, step)
@@ -488,10 +533,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             if step % config.eval_interval == 0 or step == config.max_steps:
                 flush()
                 eval_start = time.perf_counter()
-                if problem := data.changed_since(config.data_dir, data_files):
-                    raise UserError(f"{problem} under the running job (noticed at step {step}; "
-                                    f"the last checkpoint, step {last_saved}, was saved before): "
-                                    f"restore it, then rerun with --rundir={rundir}")
+                check_data_unchanged(config, data_files, step, last_saved, rundir)
                 losses = evaluate(model, eval_batches, config, to_global, show=not bar.disable)
                 log(f"step {step} | eval: train {losses['train']:.4f} | val {losses['val']:.4f}")
                 scalar("eval/train_loss", losses["train"], step)
@@ -508,9 +550,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 if losses["val"] <= config.target_val_loss:
                     seconds = time.perf_counter() - run_clock - compile_seconds - eval_seconds
                     log(f"step {step} | reached val {losses['val']:.4f} <= target_val_loss="
-                        f"{config.target_val_loss} after {seconds:.1f}s of training (the first "
-                        f"step's {compile_seconds:.1f}s with compilation and {evaluations} "
-                        f"evaluations' {eval_seconds:.1f}s not counted); stopping")
+                        f"{config.target_val_loss} after {seconds:.1f}s of training "
+                        f"{not_counted(compile_seconds, evaluations, eval_seconds)}; stopping")
                     scalar("eval/seconds_to_target", seconds, step)
                     break
 
@@ -519,18 +560,13 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             stop = stop_requested(step, manager) if step < config.max_steps else None
             if stop:
                 how = "interrupted" if stop == "SIGINT" else f"stopped by {stop}"
-                if manager is None:
-                    log(f"{how} at step {step} (--debug: no checkpoints)")
-                else:
-                    if step != last_saved:  # else the evaluation just saved it
-                        flush()
-                        norm = float(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array)))
-                        if not math.isfinite(norm):
-                            refuse_to_save(f"{how}: the weights' norm is {norm}")
-                        save()
-                    checkpoints.seal(manager)  # on disk, with its checksums, before the line says so
-                    log(f"{how} at step {step}: checkpoint saved (on disk); rerun with "
-                        f"--rundir={rundir} to resume")
+                if manager is not None and step != last_saved:  # else the evaluation just saved it
+                    flush()
+                    norm = float(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array)))
+                    if not math.isfinite(norm):
+                        refuse_to_save(f"{how}: the weights' norm is {norm}")
+                    save()
+                log(stopped_line(how, step, rundir, manager))
                 if stop == "SIGINT":
                     raise KeyboardInterrupt
                 break
