@@ -20,6 +20,7 @@ every token, as nanoGPT's sampling loop does.
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import json
 import os
@@ -37,7 +38,7 @@ from cli import ArgumentParser, UserError, apply_overrides, load_config, run_cli
 from config import TrainConfig
 from decode import generate, sample_token
 from measure import benchmark, token_stream, with_vocab
-from model import GPT, GPTConfig, cast_floats, forward, num_params
+from model import GPT, GPTConfig, cast_floats, forward, num_params, with_picked_dtype
 from train import MEMORY_BANDWIDTH, check_attention, this_device
 
 
@@ -149,6 +150,10 @@ def main(argv):
     config = apply_overrides(load_config(args.config, TrainConfig), overrides)
     check_attention(config)
     print(f"config {args.config} {' '.join(overrides)}".rstrip())
+    picked, note = with_picked_dtype(config.model, jax.devices()[0])  # "auto": this device's
+    config = dataclasses.replace(config, model=picked)
+    if note:
+        print(note)
     if args.profile:  # written after the timed steps: find out now that it cannot be
         writable_directory(Path(args.profile))
     config = with_vocab(config, args.data_dir)

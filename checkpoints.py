@@ -124,6 +124,7 @@ REFUSED_ON_RESUME = {
     "seed": "batches and dropout keep the checkpoint's seed",
     "init_from": "the weights come from the checkpoint",
     "optimizer": "the checkpoint holds the state of the optimizer it was trained with",
+    "loss_scale_init": "the checkpoint carries the loss scale it reached",
 }
 # ... and the model, except how the same function is computed (not what it computes).
 MODEL_MAY_CHANGE_ON_RESUME = ("attention", "remat", "unroll_layers")
@@ -167,6 +168,10 @@ def check_rundir(config: TrainConfig, rundir: Path, meta: dict | None = None,
                                 "sha256 differs from config.json's, though meta.json did not "
                                 "change): restore it, or prepare the data again and start a new "
                                 "--rundir")
+    if read_before and (problem := data.shards_changed_since(config.data_dir, read_before)):
+        raise UserError(f"{rundir} was trained on other data files: {problem} (shards carry no "
+                        "hash that could tell the same tokens from others): restore the run's "
+                        "files, or start a new --rundir")
     old = {**dataclasses.asdict(previous), **flat_model(previous)}
     new = {**dataclasses.asdict(config), **flat_model(config)}
     changes = {name: (old.get(name), value) for name, value in new.items()
@@ -433,8 +438,8 @@ def stop_signals():
 
 @contextlib.contextmanager
 def as_found_unless_trained(rundir: Path):
-    """Yields trained(): call it once a step is done. Until then a Ctrl-C (KeyboardInterrupt)
-    leaves rundir as it found it: a new run directory is removed, an existing one gets back its
+    """Yields trained(): call it once a step is done. Until then a Ctrl-C (KeyboardInterrupt) or
+    a refusal (UserError: the step cannot fit, the data changed) leaves rundir as it found it: a new run directory is removed, an existing one gets back its
     config.json and log.txt as they were and loses the files this start added (process 0)."""
     existed = rundir.exists()
     entries = set(os.listdir(rundir)) if existed else set()
@@ -443,19 +448,21 @@ def as_found_unless_trained(rundir: Path):
     started = []
     try:
         yield lambda: started.append(True)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, UserError):
         if not started and jax.process_index() == 0 and rundir.exists():
-            if not existed:
-                shutil.rmtree(rundir)
-            else:
-                for name in set(os.listdir(rundir)) - entries - {"incomplete_checkpoints",
-                                                                   "damaged_checkpoints"}:
-                    path = rundir / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                if config_before is not None:
-                    write_bytes_atomic(rundir / "config.json", config_before)
-                if log_size is not None:
-                    os.truncate(rundir / "log.txt", log_size)
+            # best effort: a refusal for a read-only or full run directory may undo nothing there
+            with contextlib.suppress(OSError):
+                if not existed:
+                    shutil.rmtree(rundir)
+                else:
+                    for name in set(os.listdir(rundir)) - entries - {"incomplete_checkpoints",
+                                                                       "damaged_checkpoints"}:
+                        path = rundir / name
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    if config_before is not None:
+                        write_bytes_atomic(rundir / "config.json", config_before)
+                    if log_size is not None:
+                        os.truncate(rundir / "log.txt", log_size)
         raise
 
 

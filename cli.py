@@ -11,8 +11,10 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -32,6 +34,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_cli(main) -> None:
     """Run a script's main(): a UserError becomes `error: ...` and exit 2; Ctrl-C exits 130 quietly
     (scripts note Ctrl-C where a cut would lose work: train.py saves first)."""
+    use_compilation_cache()
     try:
         main()
     except UserError as e:
@@ -46,6 +49,62 @@ def run_cli(main) -> None:
     except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The persistent compilation cache
+
+
+def use_compilation_cache() -> None:
+    """JAX's persistent compilation cache for every script: a rerun, a resume, sample.py or eval.py
+    finds the programs compiled before instead of compiling them again (BENCHMARKS.md, "Startup
+    and the compilation cache"). It lives in $XDG_CACHE_HOME/eqxgpt/jax (~/.cache/eqxgpt/jax);
+    JAX_COMPILATION_CACHE_DIR moves it, and set empty it turns it off."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache_home / "eqxgpt" / "jax")
+    # Every program, not only those over JAX's default 1 s: the small ones (init, optimizer state,
+    # evaluation) add up to seconds of a CPU's start (BENCHMARKS.md, "Startup and the compilation
+    # cache").
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    if "jax" in sys.modules:  # a script that imported jax first: the cache starts with its compile
+        jax = sys.modules["jax"]
+        folder = os.environ["JAX_COMPILATION_CACHE_DIR"] or None
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    show_warning = warnings.showwarning
+
+    def drop_damaged_entries(message, category, *args, **kwargs):
+        damaged = re.match(r"Error reading persistent compilation cache entry for '([^']+)'",
+                           str(message))
+        if damaged is None:
+            return show_warning(message, category, *args, **kwargs)
+        remove_damaged_cache_entries(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]), damaged[1])
+
+    warnings.showwarning = drop_damaged_entries
+
+
+def remove_damaged_cache_entries(cache_dir: Path, program: str) -> None:
+    """Removes the cache entries of program that JAX could not read (a process killed while JAX
+    wrote one leaves it cut short; JAX then recompiles the program but keeps the bad entry): this
+    run's compile writes a good one in its place, so the cost is one recompile. Where every entry
+    decompresses, JAX failed on one we cannot tell apart: all of the program's entries go."""
+    from jax._src.compilation_cache import decompress_executable  # how JAX itself reads an entry
+
+    entries = sorted(cache_dir.glob(f"{program}-*-cache"))
+    damaged = []
+    for entry in entries:
+        try:
+            decompress_executable(entry.read_bytes())
+        except Exception:  # noqa: BLE001 -- whatever JAX failed on: the entry is unreadable
+            damaged.append(entry)
+    for entry in damaged or entries:
+        entry.unlink(missing_ok=True)
+    if damaged or entries:
+        print(f"note: JAX could not read its compilation cache for {program}: removed "
+              f"{len(damaged or entries)} file(s) from {cache_dir} (recompiled)",
+              file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ class TrainConfig:
     muon_preconditioning: str = "frobenius"  # "aol": a row-rescaled first step (optax), one step less
     normuon: bool = False  # NorMuon: Muon's update evened out per neuron by a second moment
     normuon_beta2: float = 0.95  # NorMuon's second-moment decay
+    # float16 compute only (model.compute_dtype): dynamic loss scaling, as torch's GradScaler
+    loss_scale_init: float = 2.0**16  # the first loss scale; halved on a step whose grads overflow
+    loss_scale_growth_interval: int = 2000  # finite steps in a row after which the scale doubles
     # devices: mesh axes ("data", "fsdp"); data * fsdp devices are used
     data_parallel: int = 1  # size of the "data" axis (pure replication)
     fsdp: int = -1  # size of the "fsdp" axis; -1 means all devices left
@@ -58,7 +61,8 @@ class TrainConfig:
         at_least = {"batch_size": 1, "grad_accum": 1, "max_steps": 1, "warmup_steps": 0,
                     "lr_decay_steps": 0, "data_parallel": 1, "fsdp_min_size": 0,
                     "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
-                    "keep_checkpoints": 1, "seed": 0, "profile_steps": 1, "muon_ns_steps": 1}
+                    "keep_checkpoints": 1, "seed": 0, "profile_steps": 1, "muon_ns_steps": 1,
+                    "loss_scale_growth_interval": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= {low}")
@@ -66,6 +70,10 @@ class TrainConfig:
                      "target_val_loss"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be a number >= 0")
+        # the run stops when the scale falls below 1 (float16 overflowed unscaled); it is a float32
+        if not 1 <= self.loss_scale_init < 2.0**128:
+            raise ValueError(f"loss_scale_init={self.loss_scale_init}: must be a number in "
+                             "[1, 2**128), e.g. 65536")
         if self.seed >= 2**63:  # jax.random.key takes a signed 64-bit seed
             raise ValueError(f"seed={self.seed}: must be < 2**63")
         if self.learning_rate == 0:

@@ -17,8 +17,16 @@ A dataset of fixed-length examples (prepare_addition.py, prepare_digits.py) says
                       greedily from its first P tokens and scored by exact match (train.py)
 prepare_*.py write datasets with DatasetWriter; training reads them with load_meta, open_split
 and BatchSampler; sampling encodes prompts with load_tokenizer.
+
+A data_dir may instead name FineWeb shards as llm.c and modded-nanogpt download them (a folder of
+them without a meta.json, or a glob): each file a header of 256 little-endian int32 (magic
+20240520, version 1, the token count), then that many uint16 GPT-2 ids. Files named *_train_*
+are the train split, one stream in sorted order, *_val_* the val split; they are read in place,
+and their meta is GPT-2's BPE (shard_meta).
 """
 
+import bisect
+import glob
 import hashlib
 import json
 import os
@@ -45,11 +53,14 @@ PREPARE_COMMANDS = {
     "addition": "python prepare_addition.py",
     "digits": "python prepare_digits.py",
 }
+FINEWEB_DOWNLOAD = "hf download kjj0/fineweb10B-gpt2 --repo-type dataset --local-dir {}"
 IGNORE = -1  # a target no loss counts (as nanoGPT's ignore_index=-1): model.loss_fn skips it
 
 
 def prepare_command(data_dir) -> str:
     name = Path(data_dir).name
+    if name == "fineweb10B":  # shards are downloaded, not prepared (README, FineWeb shards)
+        return FINEWEB_DOWNLOAD.format(data_dir)
     if name not in PREPARE_COMMANDS:
         return f"python prepare_<dataset>.py --out_dir {data_dir}"
     cmd = PREPARE_COMMANDS[name]
@@ -69,25 +80,51 @@ def sha256_file(path) -> str:
 
 
 def file_stamps(data_dir) -> dict[str, list[int]]:
-    """Each split file's [size, modification time in ns] ([-1, -1] when it is gone): a change to
-    either says that it was written."""
-    def stamp(path: Path) -> list[int]:
+    """Each file the data is read from, [size, modification time in ns] ([-1, -1] when it is
+    gone): a change to either says that it was written. Keys: a split ("train", "val") for a
+    prepared dataset, each shard's path for shards."""
+    def stamp(path) -> list[int]:
         try:
-            return [(st := path.stat()).st_size, st.st_mtime_ns]
+            return [(st := os.stat(path)).st_size, st.st_mtime_ns]
         except FileNotFoundError:
             return [-1, -1]
 
+    if is_shards(data_dir):
+        return {path: stamp(path) for path in listed_shards(data_dir)}
     return {s: stamp(Path(data_dir) / f"{s}.bin") for s in SPLITS}
 
 
 def changed_since(data_dir, stamps: dict) -> str | None:
-    """Which split file was written (or removed) since file_stamps(data_dir) gave stamps, if any."""
+    """Which file of stamps (file_stamps) was written or removed since, if any (files that have
+    appeared since are not read by the job that took stamps: see shards_changed_since)."""
     now = file_stamps(data_dir)
-    changed = [s for s in SPLITS if now[s] != list(stamps[s])]
+    changed = [key for key in stamps if now.get(key, [-1, -1]) != list(stamps[key])]
     if not changed:
         return None
-    how = "removed" if now[changed[0]][0] < 0 else "written (its size or time changed)"
-    return f"{Path(data_dir) / changed[0]}.bin was {how}"
+    how = "removed" if now.get(changed[0], [-1])[0] < 0 else "written (its size or time changed)"
+    path = Path(data_dir) / f"{changed[0]}.bin" if changed[0] in SPLITS else changed[0]
+    return f"{path} was {how}"
+
+
+def shards_changed_since(data_dir, stamps: dict) -> str | None:
+    """What differs between the files of stamps (file_stamps, as a run recorded them) and
+    data_dir's files now, when either are shards: shards carry no hash that could tell the same
+    tokens from others, so any change is one. None for two prepared datasets (their hashes in
+    meta.json say whether they differ: checkpoints.check_rundir)."""
+    now = file_stamps(data_dir)
+    if set(stamps) | set(now) <= set(SPLITS):
+        return None
+    if set(stamps) <= set(SPLITS) or set(now) <= set(SPLITS):
+        was, is_ = ("a prepared dataset", "shards") if set(stamps) <= set(SPLITS) else \
+                   ("shards", "a prepared dataset")
+        return f"the run read {was}, and {data_dir} is {is_}"
+    if problem := changed_since(data_dir, stamps):
+        return problem
+    added = sorted(set(now) - set(stamps))
+    if not added:
+        return None
+    return (f"{added[0]} is new ({len(added)} shard(s) more than the {len(stamps)} the run "
+            "read; a glob can name exactly the run's)")
 
 
 def read_text(path) -> str:
@@ -217,6 +254,8 @@ def write_dataset(out_dir, train_ids, val_ids, meta_extra: dict, overwrite: bool
 def load_meta(data_dir, verify_hashes: bool = False) -> dict:
     """The meta of a complete dataset; anything missing or inconsistent is a UserError naming
     the command that (re)makes it."""
+    if is_shards(data_dir):
+        return shard_meta(data_dir)
     data_dir = Path(data_dir)
     cmd = prepare_command(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
@@ -288,23 +327,106 @@ def _example_layout_problem(meta: dict) -> str | None:
     return None
 
 
-def open_split(data_dir, split: str, meta: dict) -> "TokenFile":
+# ---------------------------------------------------------------- FineWeb shards (llm.c's format)
+
+SHARD_HEADER_BYTES = 256 * 4  # 256 little-endian int32: magic, version, token count, zeros
+SHARD_MAGIC, SHARD_VERSION, SHARD_DTYPE = 20240520, 1, "uint16"  # llm.c's GPT-2 shards
+LLAMA3_SHARD_MAGIC = 20240801  # llm.c's llama-3 shards (version 7, uint32 ids): not GPT-2's BPE
+SHARD_FIX = "download it again (README.md, FineWeb shards)"
+
+
+def is_glob(data_dir) -> bool:
+    return any(c in str(data_dir) for c in "*?[")
+
+
+def is_shards(data_dir) -> bool:
+    """data_dir names FineWeb shards: a glob, or a folder of *_train_*.bin / *_val_*.bin files
+    without a meta.json (one with a meta.json is a prepared dataset)."""
+    folder = Path(data_dir)
+    return is_glob(data_dir) or (folder.is_dir() and not (folder / "meta.json").exists()
+                                 and bool(listed_shards(folder)))
+
+
+def shard_split(path) -> str | None:
+    """"train" or "val" for a shard named *_train_* or *_val_*, else None."""
+    return next((s for s in SPLITS if f"_{s}_" in os.path.basename(path)), None)
+
+
+def listed_shards(data_dir) -> list[str]:
+    """The files a glob matches, or a folder's shard files, in sorted order (names are
+    zero-padded: fineweb_train_000001.bin ...); not yet checked."""
+    if is_glob(data_dir):
+        return sorted(os.path.normpath(path) for path in glob.glob(str(data_dir)))
+    paths = glob.glob(os.path.join(glob.escape(str(data_dir)), "*.bin"))
+    return sorted(os.path.normpath(path) for path in paths if shard_split(path))
+
+
+def read_shard_header(path) -> int:
+    """The number of tokens in a shard, once its header and its size agree that it is whole."""
+    try:
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(SHARD_HEADER_BYTES), "<i4")
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}): check --data_dir")
+    if size < SHARD_HEADER_BYTES:
+        raise UserError(f"{path} has {size:,} bytes, less than a shard's {SHARD_HEADER_BYTES}-byte "
+                        f"header (an interrupted download?): {SHARD_FIX}")
+    magic, version, count = (int(x) for x in header[:3])
+    if magic == LLAMA3_SHARD_MAGIC:
+        raise UserError(f"{path} holds llm.c's llama-3 tokens (magic {magic}, uint32 ids), and "
+                        f"eqxgpt reads its GPT-2 shards only (magic {SHARD_MAGIC}): point "
+                        "--data_dir at GPT-2 shards")
+    if magic != SHARD_MAGIC:
+        raise UserError(f"{path} is no token shard in llm.c's format (magic {magic}, not "
+                        f"{SHARD_MAGIC}): {SHARD_FIX}, or keep it out of --data_dir")
+    if version != SHARD_VERSION:
+        raise UserError(f"{path} is version {version} of the shard format, not {SHARD_VERSION} "
+                        f"(GPT-2's uint16 ids): {SHARD_FIX}")
+    whole = SHARD_HEADER_BYTES + count * np.dtype(SHARD_DTYPE).itemsize
+    if size != whole:
+        raise UserError(f"{path} has {size:,} bytes, and its header's {count:,} tokens make "
+                        f"{whole:,} (a partial download?): {SHARD_FIX}")
+    return count
+
+
+def shard_meta(data_dir) -> dict:
+    """The meta of the shards data_dir names, every header checked: GPT-2's BPE, the token
+    counts, and "shards": {split: [[path, tokens], ...]} in the order open_split reads them."""
+    paths = listed_shards(data_dir)
+    if not paths:
+        raise UserError(f"--data_dir={data_dir} matches no file: check the pattern, or download "
+                        "the shards (README.md, FineWeb shards)")
+    shards = {s: [] for s in SPLITS}
+    for path in paths:
+        if shard_split(path) is None:
+            raise UserError(f"{path} matches --data_dir={data_dir} but is no train or val shard "
+                            "(_train_ or _val_ in its name): narrow the pattern")
+        shards[shard_split(path)].append([path, read_shard_header(path)])
+    for split in SPLITS:
+        if not shards[split]:
+            raise UserError(f"--data_dir={data_dir} has no {split} shard (a *_{split}_*.bin "
+                            f"file): download one (README.md, FineWeb shards), or widen the glob")
+    return {**GPT2_BPE, "dtype": SHARD_DTYPE,
+            **{f"{s}_tokens": sum(n for _, n in shards[s]) for s in SPLITS},
+            "source": f"FineWeb shards {data_dir}", "shards": shards}
+
+
+def open_split(data_dir, split: str, meta: dict) -> "Tokens":
     """A split's tokens, read as they are sliced: only what batches touch is read."""
+    if "shards" in meta:  # shard_meta's: the files it checked, in order
+        return ShardStream([TokenFile(path, SHARD_DTYPE, n, SHARD_HEADER_BYTES, SHARD_FIX)
+                            for path, n in meta["shards"][split]], meta["vocab_size"])
     return TokenFile(Path(data_dir) / f"{split}.bin", meta["dtype"], meta[f"{split}_tokens"])
 
 
-class TokenFile:
-    """The n tokens of a .bin file, read with pread when sliced (np.asarray reads them all).
+class Tokens:
+    """n token ids read as they are sliced (np.asarray reads them all); a subclass's
+    _read(start, count) reads count ids from start."""
 
-    Not a memmap: a file truncated under a running job makes a memmap's next read past the new
-    end kill the process with SIGBUS, no message; here it is a short read, and one UserError line.
-    """
-
-    def __init__(self, path: Path, dtype, n: int):
-        self.path, self.dtype, self.n = Path(path), np.dtype(dtype), n
-        self.filename = str(path)
-        self.fd = os.open(path, os.O_RDONLY)
-        weakref.finalize(self, os.close, self.fd)
+    dtype: np.dtype
+    n: int
+    filename: str  # what errors call the tokens
 
     def __len__(self) -> int:
         return self.n
@@ -316,14 +438,7 @@ class TokenFile:
     def __getitem__(self, index):
         if isinstance(index, slice):
             start, stop, stride = index.indices(self.n)
-            count = max(0, stop - start)
-            raw = os.pread(self.fd, count * self.dtype.itemsize, start * self.dtype.itemsize)
-            if len(raw) != count * self.dtype.itemsize:
-                now = os.fstat(self.fd).st_size
-                raise UserError(f"{self.path} changed under this job: it now holds {now:,} bytes, "
-                                f"{self.n * self.dtype.itemsize:,} when it was opened; restore it "
-                                "(or prepare the dataset again) and rerun")
-            return np.frombuffer(raw, self.dtype)[::stride]
+            return self._read(start, max(0, stop - start))[::stride]
         position = range(self.n)[index]  # an int, negative ones too; IndexError past the end
         return self[position : position + 1][0]
 
@@ -335,6 +450,62 @@ class TokenFile:
 
     def tolist(self) -> list:
         return self[:].tolist()
+
+
+class TokenFile(Tokens):
+    """The n tokens of a .bin file after `offset` header bytes, read with pread.
+
+    Not a memmap: a file truncated under a running job makes a memmap's next read past the new
+    end kill the process with SIGBUS, no message; here it is a short read, and one UserError line.
+    """
+
+    def __init__(self, path, dtype, n: int, offset: int = 0,
+                 fix: str = "restore it (or prepare the dataset again)"):
+        self.path, self.dtype, self.n = Path(path), np.dtype(dtype), n
+        self.offset, self.fix = offset, fix
+        self.filename = str(path)
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        size = self.dtype.itemsize
+        raw = os.pread(self.fd, count * size, self.offset + start * size)
+        if len(raw) != count * size:
+            now = os.fstat(self.fd).st_size
+            raise UserError(f"{self.path} changed under this job: it now holds {now:,} bytes, "
+                            f"{self.offset + self.n * size:,} when it was opened; {self.fix} "
+                            "and rerun")
+        return np.frombuffer(raw, self.dtype)
+
+
+class ShardStream(Tokens):
+    """Several shards' tokens as one stream, in the order given. A slice may run across a shard
+    boundary, as the stream one train.bin of the same tokens would be: a FineWeb shard starts
+    with a document's <|endoftext|>, so it is crossed like any boundary between documents."""
+
+    def __init__(self, shards: list[TokenFile], vocab_size: int):
+        self.shards, self.vocab_size, self.dtype = shards, vocab_size, np.dtype(SHARD_DTYPE)
+        self.starts = np.cumsum([0] + [len(shard) for shard in shards]).tolist()  # first ids
+        self.n = self.starts[-1]
+        first, last = shards[0].path, shards[-1].path
+        self.filename = str(first) if len(shards) == 1 else \
+            str(first.parent / f"{first.name} .. {last.name} ({len(shards)} shards)")
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        stop, pieces = start + count, []
+        i = bisect.bisect_right(self.starts, start) - 1  # the shard that holds start
+        while i < len(self.shards) and (not pieces or self.starts[i] < stop):
+            shard, begin = self.shards[i], self.starts[i]
+            piece = shard[max(start - begin, 0) : stop - begin]
+            # checked here, not only by BatchSampler, so that the error names the shard
+            if piece.size and piece.max() >= self.vocab_size:
+                raise UserError(f"{shard.path} holds token id {piece.max()}, outside GPT-2's "
+                                f"vocabulary of {self.vocab_size}: it is no GPT-2 shard; "
+                                f"{SHARD_FIX}")
+            pieces.append(piece)
+            i += 1
+        return np.concatenate(pieces) if len(pieces) > 1 else \
+            (pieces[0] if pieces else np.empty(0, self.dtype))
 
 
 class CharTokenizer:

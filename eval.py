@@ -39,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", default="auto",
                         help="latest, best (lowest val loss) or a step number (default: best when "
                         "a checkpoint has a val loss, else latest)")
-    parser.add_argument("--data_dir", help="a prepared dataset (default: the run's; none for "
-                        "--init_from, which then scores only --hellaswag)")
+    parser.add_argument("--data_dir", help="a prepared dataset or FineWeb shards (default: the "
+                        "run's; none for --init_from, which then scores only --hellaswag)")
     parser.add_argument("--split", choices=data.SPLITS, default="val",
                         help="the split whose every token is scored (default val)")
     parser.add_argument("--hellaswag", help="a HellaSwag jsonl (its own format, e.g. "
@@ -48,9 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8,
                         help="sequences per forward pass; HellaSwag takes batch_size // 4 items "
                         "of 4 endings (default 8)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"),
-                        help="compute dtype (default: the run's model.compute_dtype; float32 for "
-                        "--init_from)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "auto"),
+                        help="compute dtype; auto: bfloat16, or float16 on GPUs without it "
+                        "(default: the run's model.compute_dtype; float32 for --init_from)")
     parser.add_argument("--out", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if bool(args.rundir) == bool(args.init_from):
@@ -90,7 +90,7 @@ def load(args):
     checkpoint's step or None)."""
     import dataclasses
 
-    from model import with_config
+    from model import pick_compute_dtype, with_config
 
     if args.init_from:
         import gpt2
@@ -109,6 +109,8 @@ def load(args):
         rows = NamedSharding(make_mesh(config), P(("data", "fsdp")))
         place = lambda batch: jax.device_put(batch, rows)  # noqa: E731
     dtype = args.dtype or ("float32" if args.init_from else model.config.compute_dtype)
+    if dtype == "auto":
+        dtype, _ = pick_compute_dtype(jax.devices()[0])
     if dtype != model.config.compute_dtype:
         model = with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))
     return model, place, step
@@ -171,7 +173,7 @@ def score_split(model, place, meta: dict, data_dir, split: str, batch_size: int,
     # vocab_limit: the padding of a rounded-up vocab_size (GPT-2: 50257 -> 50304) is no token
     vocab_limit = meta["vocab_size"] if meta["vocab_size"] < model.config.vocab_size else None
     layout = {"example_length": meta.get("example_length"), "loss_mask": meta.get("loss_mask")}
-    status(f"scoring every token of {data_dir}/{split}.bin ({len(tokens):,} tokens) with "
+    status(f"scoring every token of {tokens.filename} ({len(tokens):,} tokens) with "
            f"{source}, {model.config.compute_dtype}")
     for inputs, targets in itertools.islice(evaluation.window_batches(
             tokens, model.config.block_size, batch_size, **layout), 1):  # compile, untimed

@@ -40,7 +40,9 @@ class GPTConfig:
     attention: str = "auto"  # "explicit" (written out below), "xla", "cudnn" (flash) or "auto"
     remat: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     unroll_layers: bool = True  # unroll the layer scan when compiling: faster steps, longer compiles
-    compute_dtype: str = "bfloat16"  # "bfloat16" or "float32"; parameters stay float32
+    # "float16": with dynamic loss scaling (TrainConfig.loss_scale_*), for GPUs without bfloat16;
+    # "auto": bfloat16 where the device has it, else float16 (pick_compute_dtype)
+    compute_dtype: str = "bfloat16"  # "bfloat16", "float16", "float32" or "auto"; params: float32
     # Architecture switches; GPT-2 itself is GPT2_ARCHITECTURE (below), so its weights load
     position_embedding: str = "rope"  # "rope" (rotary, inside attention) or "learned" (GPT-2)
     norm: str = "rms"  # "rms" (RMSNorm, a gain only) or "layer" (LayerNorm, as GPT-2)
@@ -79,8 +81,9 @@ class GPTConfig:
             raise ValueError(f"attention={self.attention!r}: use 'auto', 'explicit', 'xla' or 'cudnn'")
         if self.mlp_activation not in ("gelu", "relu2"):
             raise ValueError(f"mlp_activation={self.mlp_activation!r}: use 'gelu' or 'relu2'")
-        if self.compute_dtype not in ("bfloat16", "float32", "float16"):
-            raise ValueError(f"compute_dtype={self.compute_dtype!r}: use 'bfloat16', 'float32' or 'float16'")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}: use 'bfloat16', 'float16', "
+                             "'float32' or 'auto'")
         if self.bigram_embed and self.vocab_size > 512:  # (vocab_size + 1) x vocab_size rows
             raise ValueError(f"bigram_embed=True is for vocab_size <= 512 (a row per pair of "
                              f"tokens); vocab_size={self.vocab_size} is too large")
@@ -88,6 +91,33 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "auto")
+
+
+def pick_compute_dtype(device) -> tuple[str, str]:
+    """What compute_dtype="auto" means on device: (dtype, why). bfloat16, except on NVIDIA GPUs
+    before Ampere (compute capability < 8.0: T4, V100), which have no fast bfloat16 and train in
+    float16 with loss scaling instead."""
+    capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+    try:
+        major_minor = float(capability)
+    except (TypeError, ValueError):  # not an NVIDIA GPU (a CPU, a TPU, ROCm's "gfx90a")
+        return "bfloat16", f"{device.platform} ({device.device_kind})"
+    if major_minor < 8.0:
+        return "float16", (f"{device.device_kind} has compute capability {capability} < 8.0: no "
+                           "fast bfloat16; float16 with dynamic loss scaling")
+    return "bfloat16", f"{device.device_kind} has compute capability {capability} >= 8.0"
+
+
+def with_picked_dtype(config: GPTConfig, device) -> tuple[GPTConfig, str | None]:
+    """config with compute_dtype="auto" made the device's pick, and a line saying which and why
+    (None when the config named a dtype itself)."""
+    if config.compute_dtype != "auto":
+        return config, None
+    dtype, why = pick_compute_dtype(device)
+    return dataclasses.replace(config, compute_dtype=dtype), f"compute_dtype=auto: {dtype} ({why})"
 
 
 # GPT-2 (Radford et al. 2019) as settings of the switches above: learned positions, LayerNorm

@@ -17,12 +17,14 @@ finished. A process that fails with an error says so, and the others stop at onc
 import atexit
 import contextlib
 import os
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import jax
+from jax._src.clusters import ClusterEnv
 
 import checkpoints
 from cli import UserError
@@ -37,7 +39,14 @@ def join(coordinator=None, num_processes=None, process_id=None, heartbeat_timeou
         raise UserError(f"--heartbeat_timeout={heartbeat_timeout}: must be at least 4 seconds")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only clusters
     try:
+        coordinator, num_processes, process_id, _ = ClusterEnv.auto_detect_unset_distributed_params(
+            coordinator, num_processes, process_id, None, None, None)
+        bind = None
+        if process_id == 0 and coordinator and num_processes and num_processes > 1:
+            serve_coordination(coordinator, num_processes, heartbeat_timeout)
+            bind = "[::]:0"  # JAX's own service in this process: idle, on a port nobody uses
         jax.distributed.initialize(coordinator, num_processes, process_id,
+                                   coordinator_bind_address=bind,
                                    heartbeat_timeout_seconds=heartbeat_timeout)
     except (ValueError, RuntimeError, KeyError) as e:  # no cluster found, coordinator unreachable
         if "SLURM_JOB_ID" in os.environ and "SLURM_STEP_NODELIST" not in os.environ:
@@ -50,6 +59,52 @@ def join(coordinator=None, num_processes=None, process_id=None, heartbeat_timeou
         raise UserError(f"--multihost: cannot join a cluster ({reason}): pass --coordinator, "
                         "--num_processes and --process_id, or run under a scheduler JAX detects "
                         "(SLURM's srun, Open MPI, a Kubernetes Job, a Cloud TPU pod)") from None
+
+
+# JAX's coordination service, which every process's beats and keys go through, in a process of
+# its own: in process 0 itself, it would die with it and JAX would abort the others at once.
+SERVICE = """
+import os, signal, sys, time
+for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # it ends when process 0 has ended
+    signal.signal(stop, signal.SIG_IGN)
+from jax._src.lib import _jax
+bind, count, heartbeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+port = format(int(bind.rsplit(":", 1)[1]), "04X")
+service = _jax.get_distributed_runtime_service(bind, count, heartbeat_timeout=heartbeat,
+                                               shutdown_timeout=300)
+print("serving", flush=True)
+sys.stdin.read()  # until process 0 ends, however it ends
+
+
+def connected():  # clients still connected to the port (Linux; elsewhere: wait the whole grace)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table).read().splitlines()[1:]
+        except OSError:
+            return True
+        if any(r.split()[1].endswith(":" + port) and r.split()[3] == "01" for r in rows):
+            return True
+    return False
+
+
+deadline = time.monotonic() + heartbeat / 2  # the others notice process 0's silence at a quarter
+while connected() and time.monotonic() < deadline:
+    time.sleep(0.2)
+os._exit(0)
+"""
+
+
+def serve_coordination(coordinator: str, num_processes: int, heartbeat_timeout: int) -> None:
+    """Starts the coordination service for the cluster in a child of process 0 that outlives it
+    (until the other processes have stopped, naming it), and waits until it listens."""
+    port = coordinator.rsplit(":", 1)[1]
+    service = subprocess.Popen(
+        [sys.executable, "-c", SERVICE, f"[::]:{port}", str(num_processes), str(heartbeat_timeout)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    if service.stdout.readline().strip() != b"serving":
+        raise UserError(f"--multihost: cannot serve the coordinator on port {port} (in use?): "
+                        "pick a free port in --coordinator")
+    atexit.register(service.stdin.close)  # or this process's death closes it: the service's cue
 
 
 def last_finished_checkpoint(rundir: Path) -> int | None:

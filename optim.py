@@ -5,7 +5,7 @@ as "change the model" is model.py; train.py only calls make_optimizer and lr_sch
 AdamW everywhere by default, decay on matrices only; with optimizer="muon", the blocks' matrices
 take Muon (Jordan et al. 2024) and the rest AdamW, all under one warmup + cosine schedule. The
 speedrun's later steps (KellerJordan/modded-nanogpt) that paid are switches (BENCHMARKS.md "The
-recipe's third round").
+recipe's third round"). Under float16 compute, the chain is wrapped in dynamic loss scaling.
 """
 
 import math
@@ -124,8 +124,51 @@ def split_qkv(inner: optax.GradientTransformation) -> optax.GradientTransformati
     return optax.GradientTransformation(lambda params: inner.init(view(params)), update)
 
 
+class LossScaleState(NamedTuple):
+    scale: jax.Array  # the loss is multiplied by it before the backward pass (train.py)
+    good_steps: jax.Array  # finite steps in a row since the scale last changed
+    guarded: optax.ApplyIfFiniteState  # the optimizer's own state; total_notfinite: steps skipped
+
+
+def dynamic_loss_scale(inner: optax.GradientTransformation, init_scale: float,
+                       growth_interval: int) -> optax.GradientTransformation:
+    """float16's dynamic loss scaling (Micikevicius et al. 2018; torch's GradScaler): the train
+    step scales the loss by state.scale, so small gradients do not flush to zero in float16,
+    and hands over the gradients unscaled again. A step whose gradients are not finite (the
+    scaled backward overflowed) is skipped, params and inner state unchanged (optax's
+    apply_if_finite), and the scale halved; growth_interval finite steps in a row double it."""
+    guarded = optax.apply_if_finite(inner, max_consecutive_errors=2**31 - 1)  # never gives in
+
+    def init(params):
+        return LossScaleState(jnp.asarray(init_scale, jnp.float32), jnp.zeros([], jnp.int32),
+                              guarded.init(params))
+
+    def update(grads, state, params=None):
+        updates, inner_state = guarded.update(grads, state.guarded, params)
+        finite = inner_state.last_finite
+        grow = finite & (state.good_steps + 1 >= growth_interval)
+        doubled = jnp.where(jnp.isfinite(2 * state.scale), 2 * state.scale, state.scale)
+        scale = jnp.where(finite, jnp.where(grow, doubled, state.scale), state.scale / 2)
+        good_steps = jnp.where(finite & ~grow, state.good_steps + 1, 0)
+        return updates, LossScaleState(scale, good_steps, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def loss_scale(opt_state) -> jax.Array | None:
+    """The scale to multiply the loss by, or None where there is no loss scaling."""
+    return opt_state.scale if isinstance(opt_state, LossScaleState) else None
+
+
+def loss_scale_metrics(opt_state: LossScaleState) -> dict:
+    """After a step: the scale the next one uses, whether this one was skipped, skips so far."""
+    return {"loss_scale": opt_state.scale, "skipped": ~opt_state.guarded.last_finite,
+            "skipped_steps": opt_state.guarded.total_notfinite}
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """clip -> per label: Adam (or Muon) and decoupled weight decay -> scale by the scheduled lr.
+    """clip -> per label: Adam (or Muon) and decoupled weight decay -> scale by the scheduled lr;
+    under float16 compute, all of it inside dynamic loss scaling.
 
     One schedule for all: Muon's peak lr enters as its ratio to AdamW's, so both follow the same
     warmup and cosine, and weight decay is weight_decay * lr(t) of each one's own lr.
@@ -144,4 +187,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
                                          optax.scale(config.muon_learning_rate / config.learning_rate))
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
     by_label = optax.multi_transform(transforms, optimizer_labels(config))
-    return optax.chain(clip, by_label, optax.scale_by_learning_rate(lr_schedule(config)))
+    chained = optax.chain(clip, by_label, optax.scale_by_learning_rate(lr_schedule(config)))
+    if config.model.compute_dtype != "float16":  # bfloat16 has float32's range: nothing to scale
+        return chained
+    return dynamic_loss_scale(chained, config.loss_scale_init, config.loss_scale_growth_interval)

@@ -31,7 +31,7 @@ import numpy as np
 import data
 from cli import ArgumentParser, UserError, run_cli
 from decode import generate
-from model import GPT, with_config
+from model import COMPUTE_DTYPES, GPT, pick_compute_dtype, with_config
 
 SEPARATOR = "---------------"
 
@@ -68,8 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "else latest)")
     parser.add_argument("--out", help="images only (a run on a pixels dataset): the PNG to write "
                         "(default RUNDIR/samples.png); --start=LABEL draws that class only")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"),
-                        help="compute dtype (default: the run's model.compute_dtype)")
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES,
+                        help="compute dtype; auto: bfloat16, or float16 on GPUs without it "
+                        "(default: the run's model.compute_dtype)")
     args = parser.parse_args(argv)
     if bool(args.rundir) == bool(args.init_from):
         raise UserError("say what to sample from: --rundir=RUN (a directory made by launch.py) "
@@ -119,7 +120,10 @@ def generate_samples(model: GPT, prompt, keys, max_new_tokens, temperature, top_
 
 
 def with_dtype(model: GPT, dtype: str | None) -> GPT:
-    """The same weights computing in dtype; None keeps the model's own compute_dtype."""
+    """The same weights computing in dtype ("auto": this device's pick); None keeps the model's
+    own compute_dtype."""
+    if dtype == "auto":
+        dtype, _ = pick_compute_dtype(jax.devices()[0])
     if dtype is None or dtype == model.config.compute_dtype:
         return model
     return with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))

@@ -8,6 +8,7 @@ line on top of `train`.
 """
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -25,10 +26,11 @@ import checkpoints
 import data
 import evaluation
 import gpt2
+import memory
 from cli import UserError, bar_width
 from config import TrainConfig, with_data_vocab
-from model import GPT, flops_per_token, loss_fn, num_params
-from optim import lr_schedule, make_optimizer
+from model import GPT, flops_per_token, loss_fn, num_params, with_picked_dtype
+from optim import loss_scale, loss_scale_metrics, lr_schedule, make_optimizer
 from sharding import abstract_model, batch_sharding, make_mesh, shardings_of, with_shardings
 
 
@@ -77,9 +79,18 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
         """One optimizer step over grad_accum micro-batches; metrics stay on device."""
         params = eqx.filter(model, eqx.is_array)
         key = jr.fold_in(jr.wrap_key_data(key_data), step)  # dropout: a function of (seed, step)
+        scale = loss_scale(opt_state)  # None but under float16 compute
 
         def loss_and_grads(x, y, micro_key):
-            return eqx.filter_value_and_grad(loss_fn)(model, x, y, key=micro_key)
+            if scale is None:
+                return eqx.filter_value_and_grad(loss_fn)(model, x, y, key=micro_key)
+
+            def scaled_loss(model):  # float16: gradients scaled up past its smallest numbers
+                loss = loss_fn(model, x, y, key=micro_key)
+                return loss * scale, loss
+
+            (_, loss), grads = eqx.filter_value_and_grad(scaled_loss, has_aux=True)(model)
+            return loss, grads
 
         def accumulate(grad_sum, micro_batch):
             loss, grads = loss_and_grads(*micro_batch)
@@ -92,6 +103,8 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
             zeros = jax.tree.map(jnp.zeros_like, params)
             grad_sum, losses = jax.lax.scan(accumulate, zeros, (tokens, targets, micro_keys))
             grads = jax.tree.map(lambda g: g / config.grad_accum, grad_sum)
+        if scale is not None:  # in float32, as the parameters: the true gradients, or not finite
+            grads = jax.tree.map(lambda g: g / scale, grads)
         # Gradients land sharded like their parameters (a reduce-scatter, not an all-reduce).
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -101,6 +114,8 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
         opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings)
         grad_norm = optax.tree_utils.tree_norm(grads)
         metrics = {"loss": losses.mean(), "grad_norm": grad_norm, "lr": schedule(step)}
+        if scale is not None:
+            metrics |= loss_scale_metrics(opt_state)
         return model, opt_state, metrics
 
     return train_step
@@ -153,15 +168,23 @@ def throughput(config: TrainConfig, seconds_per_step: float, devices: int):
 
 
 def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]:
-    """Reads the metrics held on device (the loop's only host sync); stops on NaN/inf."""
+    """Reads the metrics held on device (the loop's only host sync); stops on NaN/inf, and under
+    float16 when its steps keep overflowing (a skipped step is no NaN: its grads were dropped)."""
     steps = [step for step, _ in pending]
     rows = list(zip(steps, jax.device_get([metrics for _, metrics in pending])))  # one transfer
+    kept = (f"the last good checkpoint (step {last_good}) is kept" if last_good
+            else "no checkpoint was written")
     for step, metrics in rows:
+        if "loss_scale" in metrics and float(metrics["loss_scale"]) < 1:
+            raise UserError(f"float16 overflowed at every step up to step {step + 1}: the loss "
+                            f"scale fell to {float(metrics['loss_scale']):g} (below 1) after "
+                            f"{int(metrics['skipped_steps'])} skipped steps; {kept}: use --model."
+                            "compute_dtype=bfloat16 (or float32), or lower --learning_rate")
+        if metrics.get("skipped", False):
+            continue
         for name in ("loss", "grad_norm"):
             if math.isfinite(float(metrics[name])):
                 continue
-            kept = (f"the last good checkpoint (step {last_good}) is kept" if last_good
-                    else "no checkpoint was written")
             raise UserError(f"{name.replace('_', ' ')} is {float(metrics[name])} at step {step + 1}; "
                             f"{kept}: lower --learning_rate or raise --warmup_steps")
     pending.clear()
@@ -307,6 +330,84 @@ def evaluate_tasks(model, config: TrainConfig, meta: dict, step: int, log, scala
         scalar("eval/hellaswag_acc_norm", scores["acc_norm"], step)
 
 
+def start_notes(config: TrainConfig, rundir: Path, meta: dict, set_aside: list, damaged: list,
+                start: int, picked: str | None, vocab_from_data: bool, changes: dict) -> list[str]:
+    """What a start found and decided, each a line of the log: checkpoints set aside, the dtype
+    "auto" picked, the vocabulary read from the data, the settings a resume changed, a run that
+    ends inside its warmup."""
+    notes = []
+    if set_aside:
+        notes.append(f"incomplete checkpoints (a crash mid-save) moved to "
+                     f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
+    notes += damaged
+    if damaged:
+        notes.append(f"resuming from the newest intact checkpoint, step {start}")
+    if picked:
+        notes.append(picked)
+    if vocab_from_data:
+        notes.append(f"model.vocab_size={config.model.vocab_size}: the data's (from "
+                     f"{Path(config.data_dir) / 'meta.json'}, {meta['tokenizer']} tokens)")
+    if changes:
+        notes.append("resumed with " + ", ".join(f"{name} {old!r} -> {new!r}"
+                                                 for name, (old, new) in changes.items()))
+    if config.warmup_steps >= config.max_steps:  # a short try run: never refused for it
+        notes.append(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the run "
+                     f"ends inside the warmup, its last step at lr "
+                     f"{float(lr_schedule(config)(config.max_steps - 1)):.2e} of the peak "
+                     f"{config.learning_rate:.2e}")
+    return notes
+
+
+def starting_line(config: TrainConfig, rundir: Path, model, mesh, start: int) -> str:
+    processes = f" in {jax.process_count()} processes" * (jax.process_count() > 1)
+    return (f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
+            f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
+            f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices"
+            f"{processes} | {config.tokens_per_step:,} tokens/step | rundir {rundir}")
+
+
+def step_line(step: int, last: dict, seconds: float, tokens_per_s: float, mfu) -> str:
+    """The log line of a log_interval: the last step's metrics, the speed since the last line."""
+    scaling = (f" | loss scale {last['loss_scale']:,.0f} | skipped {last['skipped_steps']:,.0f}"
+               if "loss_scale" in last else "")  # float16's loss scaling
+    return (f"step {step} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | grad norm "
+            f"{last['grad_norm']:.3f} | {seconds * 1e3:.1f} ms/step | {tokens_per_s:,.0f} tok/s | "
+            f"MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'}{scaling}")
+
+
+def write_step_scalars(scalar, rows: list[tuple[int, dict]]) -> None:
+    for step, row in rows:
+        # a skipped float16 step has no gradient norm, only a count and a new scale
+        skipped = row.get("skipped", False)
+        for name in ("loss", "lr") + ("grad_norm",) * (not skipped):
+            scalar(f"train/{name}", float(row[name]), step + 1)
+        for name in ("loss_scale", "skipped_steps"):
+            if name in row:
+                scalar(f"train/{name}", float(row[name]), step + 1)
+
+
+def check_data_unchanged(config: TrainConfig, data_files: dict, step: int, last_saved, rundir):
+    """Refuses to go on (and to save) when the data's files changed under the running job."""
+    if problem := data.changed_since(config.data_dir, data_files):
+        raise UserError(f"{problem} under the running job (noticed at step {step}; the last "
+                        f"checkpoint, step {last_saved}, was saved before): restore it, then "
+                        f"rerun with --rundir={rundir}")
+
+
+def not_counted(compile_seconds: float, evaluations: int, eval_seconds: float) -> str:
+    return (f"(the first step's {compile_seconds:.1f}s with compilation and {evaluations} "
+            f"evaluations' {eval_seconds:.1f}s not counted)")
+
+
+def stopped_line(how: str, step: int, rundir: Path, manager) -> str:
+    """The last line of a run stopped by a signal, once its checkpoint is on disk."""
+    if manager is None:
+        return f"{how} at step {step} (--debug: no checkpoints)"
+    checkpoints.seal(manager)  # on disk, with its checksums, before the line says so
+    return (f"{how} at step {step}: checkpoint saved (on disk); rerun with --rundir={rundir} to "
+            "resume")
+
+
 def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     """Trains (or resumes) the run in rundir; returns the final model. debug: a profile of a few
     steps, and no checkpoints."""
@@ -316,10 +417,14 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
     meta = data.load_meta(config.data_dir)
     vocab_from_data = not config.model.vocab_size
     config = with_data_vocab(config, meta)
+    model_config, picked = with_picked_dtype(config.model, jax.devices()[0])  # "auto" resolved
+    config = dataclasses.replace(config, model=model_config)  # config.json records the pick
     mesh = make_mesh(config)
     train_batches, eval_batches, to_global = open_data(config, meta, mesh)
     data_files = data.file_stamps(config.data_dir)  # what the run reads, as it is now
     changes = checkpoints.check_rundir(config, rundir, meta, data_files)
+    abstract = abstract_state(config, mesh)
+    memory.check_state_fits(config, *abstract[:2])
     # From here Ctrl-C, SIGTERM and SIGHUP are noted, never raised mid-step or mid-save; a Ctrl-C
     # before the first step is done leaves the run directory as it was (as_found_unless_trained).
     with checkpoints.stop_signals() as stop_requested, \
@@ -331,7 +436,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             manager, set_aside = checkpoints.open_checkpoints(rundir, config.keep_checkpoints)
             stack.callback(manager.close)
             stack.callback(checkpoints.seal, manager)  # first: the last save on disk, checksummed
-        abstract = abstract_state(config, mesh)
+        stack.enter_context(memory.out_of_memory_is_user_error(config, rundir))
         model, opt_state, key_data, start, damaged = create_or_restore_state(
             config, abstract, manager, rundir, train_batches)
         if start >= config.max_steps:  # a finished run, started again: nothing to write
@@ -345,29 +450,10 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             raise KeyboardInterrupt
         log, scalar, bar = stack.enter_context(run_outputs(config, rundir, meta, data_files, start,
                                                                   changes))
-        if set_aside:
-            log(f"incomplete checkpoints (a crash mid-save) moved to "
-                f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
-        for note in damaged:
-            log(note)
-        if damaged:
-            log(f"resuming from the newest intact checkpoint, step {start}")
-        if vocab_from_data:
-            log(f"model.vocab_size={config.model.vocab_size}: the data's (from "
-                f"{Path(config.data_dir) / 'meta.json'}, {meta['tokenizer']} tokens)")
-        if changes:
-            log("resumed with " + ", ".join(f"{name} {old!r} -> {new!r}"
-                                            for name, (old, new) in changes.items()))
-        if config.warmup_steps >= config.max_steps:  # a short try run: never refused for it
-            log(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the run ends "
-                f"inside the warmup, its last step at lr "
-                f"{float(lr_schedule(config)(config.max_steps - 1)):.2e} of the peak "
-                f"{config.learning_rate:.2e}")
-        log(f"{'resuming at' if start else 'starting'} step {start}/{config.max_steps} | "
-            f"{num_params(model, non_embedding=True) / 1e6:.2f}M non-embedding params | mesh "
-            f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices"
-            f"{f' in {jax.process_count()} processes' * (jax.process_count() > 1)} | "
-            f"{config.tokens_per_step:,} tokens/step | rundir {rundir}")
+        for line in start_notes(config, rundir, meta, set_aside, damaged, start, picked,
+                                vocab_from_data, changes):
+            log(line)
+        log(starting_line(config, rundir, model, mesh, start))
         batches = stack.enter_context(contextlib.closing(train_batches.prefetch()))
 
         step, last_saved, pending = start, (start or None), []  # pending: metrics still on device
@@ -386,11 +472,9 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             """Reads the pending metrics (one sync), stops on NaN, writes each step's scalars."""
             nonlocal last_grad_norm
             rows = check_finite(pending, last_saved)
-            for row_step, row in rows:
-                for name in ("loss", "lr", "grad_norm"):
-                    scalar(f"train/{name}", float(row[name]), row_step + 1)
-            if rows:
-                last_grad_norm = float(rows[-1][1]["grad_norm"])
+            write_step_scalars(scalar, rows)
+            if applied := [row for _, row in rows if not row.get("skipped", False)]:
+                last_grad_norm = float(applied[-1]["grad_norm"])
             return rows
 
         def refuse_to_save(problem: str):
@@ -403,8 +487,10 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         while step < config.max_steps:
             # step: one optimizer step; its metrics stay on device until the next log line
             tokens, targets = next(batches)
-            model, opt_state, metrics = train_step(
-                model, opt_state, to_global(tokens), to_global(targets), np.int32(step), key_data)
+            args = (model, opt_state, to_global(tokens), to_global(targets), np.int32(step), key_data)
+            if step == start:  # the step compiles: refused here if it cannot fit
+                memory.check_step_fits(config, train_step, args)
+            model, opt_state, metrics = train_step(*args)
             pending.append((step, metrics))
             step += 1
             bar.update(1)  # host-side only: the bar reads no metric here
@@ -434,10 +520,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                     seconds = (time.perf_counter() - step_timer) / (step - timed_from)
                     tokens_per_s, mfu = throughput(config, seconds, mesh.size)
                     last = {name: float(value) for name, value in rows[-1][1].items()}
-                    log(f"step {step} | loss {last['loss']:.4f} | lr {last['lr']:.2e} | grad "
-                        f"norm {last['grad_norm']:.3f} | {seconds * 1e3:.1f} ms/step | "
-                        f"{tokens_per_s:,.0f} tok/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'}",
-                        step_line=True)
+                    log(step_line(step, last, seconds, tokens_per_s, mfu), step_line=True)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                     scalar("perf/ms_per_step", seconds * 1e3, step)
                     scalar("perf/tokens_per_s", tokens_per_s, step)
@@ -450,10 +533,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             if step % config.eval_interval == 0 or step == config.max_steps:
                 flush()
                 eval_start = time.perf_counter()
-                if problem := data.changed_since(config.data_dir, data_files):
-                    raise UserError(f"{problem} under the running job (noticed at step {step}; "
-                                    f"the last checkpoint, step {last_saved}, was saved before): "
-                                    f"restore it, then rerun with --rundir={rundir}")
+                check_data_unchanged(config, data_files, step, last_saved, rundir)
                 losses = evaluate(model, eval_batches, config, to_global, show=not bar.disable)
                 log(f"step {step} | eval: train {losses['train']:.4f} | val {losses['val']:.4f}")
                 scalar("eval/train_loss", losses["train"], step)
@@ -470,9 +550,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 if losses["val"] <= config.target_val_loss:
                     seconds = time.perf_counter() - run_clock - compile_seconds - eval_seconds
                     log(f"step {step} | reached val {losses['val']:.4f} <= target_val_loss="
-                        f"{config.target_val_loss} after {seconds:.1f}s of training (the first "
-                        f"step's {compile_seconds:.1f}s with compilation and {evaluations} "
-                        f"evaluations' {eval_seconds:.1f}s not counted); stopping")
+                        f"{config.target_val_loss} after {seconds:.1f}s of training "
+                        f"{not_counted(compile_seconds, evaluations, eval_seconds)}; stopping")
                     scalar("eval/seconds_to_target", seconds, step)
                     break
 
@@ -481,18 +560,13 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             stop = stop_requested(step, manager) if step < config.max_steps else None
             if stop:
                 how = "interrupted" if stop == "SIGINT" else f"stopped by {stop}"
-                if manager is None:
-                    log(f"{how} at step {step} (--debug: no checkpoints)")
-                else:
-                    if step != last_saved:  # else the evaluation just saved it
-                        flush()
-                        norm = float(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array)))
-                        if not math.isfinite(norm):
-                            refuse_to_save(f"{how}: the weights' norm is {norm}")
-                        save()
-                    checkpoints.seal(manager)  # on disk, with its checksums, before the line says so
-                    log(f"{how} at step {step}: checkpoint saved (on disk); rerun with "
-                        f"--rundir={rundir} to resume")
+                if manager is not None and step != last_saved:  # else the evaluation just saved it
+                    flush()
+                    norm = float(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array)))
+                    if not math.isfinite(norm):
+                        refuse_to_save(f"{how}: the weights' norm is {norm}")
+                    save()
+                log(stopped_line(how, step, rundir, manager))
                 if stop == "SIGINT":
                     raise KeyboardInterrupt
                 break

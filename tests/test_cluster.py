@@ -359,3 +359,25 @@ def test_an_error_in_the_coordinator_process_stops_the_other_at_once(data_dir, t
              "all; restart all 2 processes with the same command, and the run resumes from step 2, "
              "the last checkpoint every process finished")
     assert code_1 == 1 and err_1.strip().splitlines() == [named], err_1
+
+
+@pytest.mark.slow
+def test_the_coordinator_process_killed_stops_the_other_with_the_same_one_line(data_dir, tmp_path):
+    # process 0 holds JAX's coordination service: with it gone the survivor can read no beats
+    kill = PLANTED.format(repo=str(REPO), process=0, step=6,
+                          failure="os.kill(os.getpid(), signal.SIGKILL)")
+    killed, survivor = launch_processes(data_dir, tmp_path / "run", "--max_steps=100",
+                                        f"--heartbeat_timeout={HEARTBEAT}", script=kill)
+    killed.wait(timeout=300)
+    died = time.monotonic()
+    survivor.wait(timeout=300)
+    stopped_after = time.monotonic() - died
+    out, err = survivor.communicate()
+    assert killed.returncode == -signal.SIGKILL, killed.communicate()
+    assert survivor.returncode == 1 and stopped_after < HEARTBEAT, (stopped_after, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and "Terminating" not in err, err
+    assert lines[0].startswith("error: process 0 of 2 stopped responding"), lines[0]
+    assert "restart all 2 processes with the same command, and the run resumes from step" \
+        in lines[0], lines[0]
+    assert int(lines[0].split("resumes from step ")[1].split(",")[0]) in (2, 4)

@@ -1,7 +1,9 @@
 """The house rules a test can check: no import circle among the modules (not even through an
+import inspect
 import inside a function), and no script importing another script."""
 
 import ast
+import inspect
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,3 +46,13 @@ def test_no_script_imports_a_script():
     assert {"launch", "sample", "eval", "bench", "export"} <= scripts
     offenders = {name: imports_of(MODULES[name]) & scripts for name in MODULES}
     assert not {name: found for name, found in offenders.items() if found}
+
+
+def test_train_reads_in_one_sitting():
+    # the loop's four marked sections, with the start's notes and lines as small functions
+    import train
+
+    source = inspect.getsource(train.train)
+    assert len(source.splitlines()) < 165, len(source.splitlines())
+    for section in ("# step:", "# log:", "# evaluate and save:", "# stop:"):
+        assert section in source, section
