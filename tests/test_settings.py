@@ -6,13 +6,13 @@ fails for it until it has an entry in CHANGES (another valid value and what that
 observed here) or in OBSERVED_ELSEWHERE (why it cannot be observed here, and the test that does).
 
 test_changing_a_setting_changes_what_it_names sets one field of BASE to its CHANGES value and
-compares what the field claims to change against BASE: the optimizer's updates over six steps of
-fixed gradients, the learning-rate schedule, the model's shapes, its output (inference, or
-training's, with dropout) or its traced program, the batches and evaluation batches, the initial
-state, the FSDP placements, or a short training run's log and kept checkpoints. BASE is
-TrainConfig's defaults with a tiny model and run (so the file stays fast); a context (say
-optimizer="muon" for Muon's settings) is applied to both sides. Observations are cached: each
-base is computed once.
+compares what the field claims to change against BASE: the optimizer's updates (or its loss
+scale) over six steps of fixed gradients, the learning-rate schedule, the model's shapes, its
+output (inference, or training's, with dropout) or its traced program, the batches and
+evaluation batches, the initial state, the FSDP placements, or a short training run's log and
+kept checkpoints. BASE is TrainConfig's defaults with a tiny model and run (so the file stays
+fast); a context (say optimizer="muon" for Muon's settings) is applied to both sides.
+Observations are cached: each base is computed once.
 """
 
 import ast
@@ -88,27 +88,30 @@ class Change(NamedTuple):
 
 MUON = {"optimizer": "muon"}
 TWO_LAYERS = dataclasses.replace(TINY, n_layer=2)
+FLOAT16 = {"model": dataclasses.replace(TINY, compute_dtype="float16")}  # loss scaling's only use
 CHANGES = {
     "data_dir": Change("other", ("batches.train", "batches.eval")),  # another corpus (fixture)
     "batch_size": Change(4, ("batches.train", "batches.eval")),
     "grad_accum": Change(2, ("batches.train",)),
-    "optimizer": Change("muon", ("updates",)),
-    "learning_rate": Change(2e-2, ("updates", "lr")),
-    "min_lr": Change(0.0, ("updates", "lr")),
-    "warmup_steps": Change(1, ("updates", "lr")),
-    "max_steps": Change(3, ("updates", "lr", "run.log", "run.checkpoints")),
-    "lr_decay_steps": Change(3, ("updates", "lr")),
-    "weight_decay": Change(0.5, ("updates",)),
-    "independent_weight_decay": Change(True, ("updates",)),
-    "beta1": Change(0.5, ("updates",)),
-    "beta2": Change(0.5, ("updates",)),
-    "grad_clip": Change(0.25, ("updates",)),
-    "muon_learning_rate": Change(0.05, ("updates",), MUON),
-    "muon_momentum": Change(0.5, ("updates",), MUON),
-    "muon_ns_steps": Change(3, ("updates",), MUON),
-    "muon_preconditioning": Change("aol", ("updates",), MUON),
-    "normuon": Change(True, ("updates",), MUON),
-    "normuon_beta2": Change(0.5, ("updates",), {**MUON, "normuon": True}),
+    "optimizer": Change("muon", ("optimizer.updates",)),
+    "learning_rate": Change(2e-2, ("optimizer.updates", "lr")),
+    "min_lr": Change(0.0, ("optimizer.updates", "lr")),
+    "warmup_steps": Change(1, ("optimizer.updates", "lr")),
+    "max_steps": Change(3, ("optimizer.updates", "lr", "run.log", "run.checkpoints")),
+    "lr_decay_steps": Change(3, ("optimizer.updates", "lr")),
+    "weight_decay": Change(0.5, ("optimizer.updates",)),
+    "independent_weight_decay": Change(True, ("optimizer.updates",)),
+    "beta1": Change(0.5, ("optimizer.updates",)),
+    "beta2": Change(0.5, ("optimizer.updates",)),
+    "grad_clip": Change(0.25, ("optimizer.updates",)),
+    "muon_learning_rate": Change(0.05, ("optimizer.updates",), MUON),
+    "muon_momentum": Change(0.5, ("optimizer.updates",), MUON),
+    "muon_ns_steps": Change(3, ("optimizer.updates",), MUON),
+    "muon_preconditioning": Change("aol", ("optimizer.updates",), MUON),
+    "normuon": Change(True, ("optimizer.updates",), MUON),
+    "normuon_beta2": Change(0.5, ("optimizer.updates",), {**MUON, "normuon": True}),
+    "loss_scale_init": Change(2.0**10, ("optimizer.loss_scale",), FLOAT16),
+    "loss_scale_growth_interval": Change(3, ("optimizer.loss_scale",), FLOAT16),
     "fsdp_min_size": Change(0, ("placements",)),
     "eval_interval": Change(2, ("run.log", "run.checkpoints")),
     "eval_iters": Change(3, ("run.log",)),
@@ -241,16 +244,19 @@ OPTIMIZER_PARAMS = {
 }
 
 
-def observe_updates(config: TrainConfig, where):
-    """make_optimizer's updates over six steps of fixed gradients, the params moved by each."""
+def observe_optimizer(config: TrainConfig, where):
+    """make_optimizer's updates over six steps of fixed gradients (the params moved by each),
+    and the loss scale after each (None but under float16 compute)."""
     params = jax.tree.map(jnp.asarray, OPTIMIZER_PARAMS)
     optimizer = optim.make_optimizer(config)
-    update, state, out = jax.jit(optimizer.update), optimizer.init(params), []
+    update, state = jax.jit(optimizer.update), optimizer.init(params)
+    updates_seen, scales = [], []
     for grads in fixed_grads(params):
         updates, state = update(grads, state, params)
         params = optax.apply_updates(params, updates)
-        out.append([np.asarray(u) for u in jax.tree.leaves(updates)])
-    return out
+        updates_seen.append([np.asarray(u) for u in jax.tree.leaves(updates)])
+        scales.append(optim.loss_scale(state))
+    return {"updates": updates_seen, "loss_scale": scales}
 
 
 def observe_lr(config: TrainConfig, where):
@@ -347,7 +353,7 @@ def observe_debug_run(config: TrainConfig, where):
 
 
 OBSERVERS: dict[str, Callable] = {
-    "updates": observe_updates, "lr": observe_lr, "shapes": observe_shapes,
+    "optimizer": observe_optimizer, "lr": observe_lr, "shapes": observe_shapes,
     "logits": observe_logits, "training_logits": observe_training_logits,
     "program": observe_program,
     "batches": observe_batches, "state": observe_state, "placements": observe_placements,
