@@ -129,6 +129,10 @@ MUTANTS = [
      "normed = [normuon(0.95)] if config.normuon else []", OPTIM),
     ("optim.normuon_beta2_is_muon_momentum", "optim.py", "normed = [normuon(config.normuon_beta2)] if config.normuon else []",
      "normed = [normuon(config.muon_momentum)] if config.normuon else []", OPTIM),
+    ("optim.loss_scale_init_unused", "optim.py", "return dynamic_loss_scale(chained, config.loss_scale_init, config.loss_scale_growth_interval)",
+     "return dynamic_loss_scale(chained, 2.0**16, config.loss_scale_growth_interval)", OPTIM),
+    ("optim.loss_scale_growth_unused", "optim.py", "return dynamic_loss_scale(chained, config.loss_scale_init, config.loss_scale_growth_interval)",
+     "return dynamic_loss_scale(chained, config.loss_scale_init, 2000)", OPTIM),
     # sharding.py
     ("sharding.layer_axis_sharded", "sharding.py", "first = 1 if in_block_stack(path) else 0", "first = 0",
      ["tests/test_sharding.py", "tests/test_train.py", "tests/test_optimizer.py"]),
@@ -168,7 +172,7 @@ MUTANTS = [
     ("data.loss_mask_inverted", "data.py", "y = np.where(self.loss_mask, y, IGNORE).astype(np.int32)",
      "y = np.where(self.loss_mask, IGNORE, y).astype(np.int32)", DATA),
     ("data.targets_not_shifted", "data.py", "x, y = window[..., :-1], window[..., 1:]", "x, y = window[..., :-1], window[..., :-1]", DATA),
-    ("data.short_read_unchecked", "data.py", "if len(raw) != count * self.dtype.itemsize:", "if False:", DATA + ["tests/test_faults.py"]),
+    ("data.short_read_unchecked", "data.py", "if len(raw) != count * size:", "if False:", DATA + ["tests/test_faults.py"]),
     # decode.py
     ("decode.top_k_drops_kth", "decode.py", "return jnp.where(logits < kth, -jnp.inf, logits)",
      "return jnp.where(logits <= kth, -jnp.inf, logits)", DECODE),
