@@ -338,7 +338,8 @@ def start_notes(config: TrainConfig, rundir: Path, meta: dict, set_aside: list, 
     notes = []
     if set_aside:
         notes.append(f"incomplete checkpoints (a crash mid-save) moved to "
-                     f"{rundir / 'incomplete_checkpoints'}: step directories {', '.join(set_aside)}")
+                     f"{rundir / 'incomplete_checkpoints'}: step directories "
+                     f"{', '.join(set_aside)}")
     notes += damaged
     if damaged:
         notes.append(f"resuming from the newest intact checkpoint, step {start}")
@@ -486,8 +487,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         bar.update(start)
         while step < config.max_steps:
             # step: one optimizer step; its metrics stay on device until the next log line
-            tokens, targets = next(batches)
-            args = (model, opt_state, to_global(tokens), to_global(targets), np.int32(step), key_data)
+            tokens, targets = map(to_global, next(batches))
+            args = (model, opt_state, tokens, targets, np.int32(step), key_data)
             if step == start:  # the step compiles: refused here if it cannot fit
                 memory.check_step_fits(config, train_step, args)
             model, opt_state, metrics = train_step(*args)
@@ -504,9 +505,10 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 bar.set_description("training")
                 if debug:
                     jax.profiler.start_trace(str(rundir / "profile"))
-                    profiling = True
+                    profiling = True  # and a run cut short (a target, a signal) still ends it:
+                    stack.callback(lambda: profiling and jax.profiler.stop_trace())
                 step_timer, timed_from = time.perf_counter(), step
-            if profiling and step >= start + 1 + config.profile_steps:
+            if profiling and step >= min(start + 1 + config.profile_steps, config.max_steps):
                 jax.block_until_ready(model)
                 jax.profiler.stop_trace()
                 profiling = False

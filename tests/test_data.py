@@ -1,6 +1,7 @@
 """data.py: the on-disk format, load_meta's errors, tokenizers, BatchSampler."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -267,3 +268,11 @@ def test_every_window_and_every_whole_example_can_be_drawn(example_length):
         starts |= set(x[0, :, 0].tolist())
         np.testing.assert_array_equal(y, x + 1)  # each row is one contiguous window
     assert starts == ({0, 4, 8} if example_length else set(range(9)))
+
+
+def test_a_split_cut_short_after_it_was_opened_is_one_line_not_short_batches(tmp_path):
+    meta = write_dataset(tmp_path / "d", list(range(3)) * 100, [2, 0], char_meta())
+    tokens = open_split(tmp_path / "d", "train", meta)
+    os.truncate(tmp_path / "d" / "train.bin", 100 * tokens.dtype.itemsize)
+    with pytest.raises(UserError, match="train.bin changed under this job"):
+        tokens[50:250]

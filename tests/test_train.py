@@ -238,6 +238,13 @@ def test_the_loop_reads_the_device_only_through_its_log_and_eval_syncs(data_dir,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_debug_run_shorter_than_its_profile_still_writes_the_profile(data_dir, tmp_path):
+    config = tiny_config(data_dir, max_steps=3, eval_interval=3, profile_steps=5)
+    train.train(config, tmp_path / "run", debug=True)
+    assert "profile of steps 2-3 written to" in (tmp_path / "run" / "log.txt").read_text()
+    assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+
+
 @pytest.mark.slow
 def test_launch_in_a_terminal_shows_a_progress_bar_and_keeps_log_txt_clean(data_dir, tmp_path):
     import fcntl
