@@ -288,14 +288,14 @@ runpy.run_path("launch.py", run_name="__main__")
 """
 
 
-@pytest.mark.slow
-def test_a_killed_process_stops_the_other_with_one_line_and_the_restart_resumes(
-        data_dir, one_process, tmp_path):
-    rundir = tmp_path / "run"
-    kill = PLANTED.format(repo=str(REPO), process=1, step=5,
+def kill_one_of_two(data_dir, rundir, process: int, step: int, max_steps: int):
+    """Two processes, one killed with SIGKILL at step; the survivor's (stdout, stderr), once it
+    has stopped (exit code 1) within the heartbeat timeout of the death."""
+    kill = PLANTED.format(repo=str(REPO), process=process, step=step,
                           failure="os.kill(os.getpid(), signal.SIGKILL)")
-    survivor, killed = launch_processes(data_dir, rundir, "--max_steps=6",
-                                        f"--heartbeat_timeout={HEARTBEAT}", script=kill)
+    processes = launch_processes(data_dir, rundir, f"--max_steps={max_steps}",
+                                 f"--heartbeat_timeout={HEARTBEAT}", script=kill)
+    killed, survivor = processes[process], processes[1 - process]
     killed.wait(timeout=300)
     died = time.monotonic()
     survivor.wait(timeout=300)
@@ -304,6 +304,14 @@ def test_a_killed_process_stops_the_other_with_one_line_and_the_restart_resumes(
     assert killed.returncode == -signal.SIGKILL, killed.communicate()
     assert survivor.returncode == 1, out + err
     assert stopped_after < HEARTBEAT, stopped_after  # within the heartbeat timeout
+    return out, err
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_with_one_line_and_the_restart_resumes(
+        data_dir, one_process, tmp_path):
+    rundir = tmp_path / "run"
+    out, err = kill_one_of_two(data_dir, rundir, process=1, step=5, max_steps=6)
     lines = err.strip().splitlines()
     # one line, and none of JAX's abort (its coordination service's stack dump)
     assert len(lines) == 1 and "Traceback" not in err and "Terminating" not in err, err
@@ -364,17 +372,7 @@ def test_an_error_in_the_coordinator_process_stops_the_other_at_once(data_dir, t
 @pytest.mark.slow
 def test_the_coordinator_process_killed_stops_the_other_with_the_same_one_line(data_dir, tmp_path):
     # process 0 holds JAX's coordination service: with it gone the survivor can read no beats
-    kill = PLANTED.format(repo=str(REPO), process=0, step=6,
-                          failure="os.kill(os.getpid(), signal.SIGKILL)")
-    killed, survivor = launch_processes(data_dir, tmp_path / "run", "--max_steps=100",
-                                        f"--heartbeat_timeout={HEARTBEAT}", script=kill)
-    killed.wait(timeout=300)
-    died = time.monotonic()
-    survivor.wait(timeout=300)
-    stopped_after = time.monotonic() - died
-    out, err = survivor.communicate()
-    assert killed.returncode == -signal.SIGKILL, killed.communicate()
-    assert survivor.returncode == 1 and stopped_after < HEARTBEAT, (stopped_after, err)
+    out, err = kill_one_of_two(data_dir, tmp_path / "run", process=0, step=6, max_steps=100)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err and "Terminating" not in err, err
     assert lines[0].startswith("error: process 0 of 2 stopped responding"), lines[0]

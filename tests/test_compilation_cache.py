@@ -14,15 +14,8 @@ import pytest
 from jax._src.compilation_cache import compress_executable, decompress_executable
 
 from cli import remove_damaged_cache_entries, use_compilation_cache
-from test_train import REPO, TINY_OVERRIDES, run
+from test_train import REPO, TINY_OVERRIDES, data_dir  # noqa: F401 -- a fixture
 
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, shakespeare_input) -> str:
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    run([REPO / "prepare_shakespeare.py", "--input", shakespeare_input, "--out_dir", out], check=True)
-    return str(out)
 
 
 def user_env(cache_home: Path) -> dict:

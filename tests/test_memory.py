@@ -15,18 +15,11 @@ import pytest
 import checkpoints
 import train
 from cli import UserError
-from test_train import REPO, TINY_OVERRIDES, run, tiny_config
+from test_train import REPO, TINY_OVERRIDES, data_dir, tiny_config  # noqa: F401 -- data_dir: a fixture
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
                                 reason="the limits here are a CPU host's address space")
 LIMIT = 6 * 2**30  # address space for a launch: the tiny runs need ~2 GiB of it
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, shakespeare_input) -> str:
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    run([REPO / "prepare_shakespeare.py", "--input", shakespeare_input, "--out_dir", out], check=True)
-    return str(out)
 
 
 LIMITED = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({0}, {0})); "
