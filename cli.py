@@ -74,6 +74,8 @@ def use_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs",
                           float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
     show_warning = warnings.showwarning
+    if getattr(show_warning, "drops_damaged_cache_entries", False):  # run_cli called before
+        return
 
     def drop_damaged_entries(message, category, *args, **kwargs):
         damaged = re.match(r"Error reading persistent compilation cache entry for '([^']+)'",
@@ -82,6 +84,7 @@ def use_compilation_cache() -> None:
             return show_warning(message, category, *args, **kwargs)
         remove_damaged_cache_entries(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]), damaged[1])
 
+    drop_damaged_entries.drops_damaged_cache_entries = True
     warnings.showwarning = drop_damaged_entries
 
 

@@ -95,3 +95,11 @@ def test_only_the_unreadable_entries_of_a_program_are_removed(tmp_path, capsys):
     remove_damaged_cache_entries(tmp_path, "jit_step")
     assert good.exists() and not cut.exists() and other.exists()
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_second_script_in_one_process_does_not_wrap_the_warning_hook_again(monkeypatch):
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored afterwards
+    use_compilation_cache()
+    hook = warnings.showwarning
+    use_compilation_cache()  # run_cli again: tests, or a notebook calling main() twice
+    assert warnings.showwarning is hook
