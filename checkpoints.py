@@ -439,8 +439,9 @@ def stop_signals():
 @contextlib.contextmanager
 def as_found_unless_trained(rundir: Path):
     """Yields trained(): call it once a step is done. Until then a Ctrl-C (KeyboardInterrupt) or
-    a refusal (UserError: the step cannot fit, the data changed) leaves rundir as it found it: a new run directory is removed, an existing one gets back its
-    config.json and log.txt as they were and loses the files this start added (process 0)."""
+    a refusal (UserError: the step cannot fit, the data changed) leaves rundir as it found it: a
+    new run directory is removed, an existing one gets back its config.json and log.txt as they
+    were and loses the files this start added (process 0)."""
     existed = rundir.exists()
     entries = set(os.listdir(rundir)) if existed else set()
     config_before = (rundir / "config.json").read_bytes() if (rundir / "config.json").exists() else None

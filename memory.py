@@ -87,14 +87,20 @@ def check_step_fits(config: TrainConfig, train_step, args) -> None:
 
 
 @contextlib.contextmanager
-def out_of_memory_is_user_error(config: TrainConfig, rundir):
-    """An allocation failure while training becomes one line; the checkpoints are left as they
-    are (train() puts the last one on disk before the line is printed)."""
+def out_of_memory_is_user_error(what: str, advice: str):
+    """XLA's allocation failure (RESOURCE_EXHAUSTED) in the block becomes one line: what did not
+    fit, XLA's own words, and what to change."""
     try:
         yield
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
-        raise UserError(f"out of memory during the run ({str(error).splitlines()[0][:120]}): "
-                        f"{what_to_change(config)}; then rerun with --rundir={rundir} (its "
-                        "checkpoints are kept)") from None
+        raise UserError(f"{what} ({str(error).splitlines()[0][:120]}): {advice}") from None
+
+
+def out_of_memory_while_training(config: TrainConfig, rundir):
+    """The same for a run: the checkpoints are left as they are (train() puts the last one on
+    disk before the line is printed)."""
+    return out_of_memory_is_user_error(
+        "out of memory during the run", f"{what_to_change(config)}; then rerun with "
+        f"--rundir={rundir} (its checkpoints are kept)")

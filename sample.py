@@ -13,7 +13,6 @@ and writes them as one PNG grid, a row per class label when the data has labels.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import struct
@@ -29,6 +28,7 @@ import jax.random as jr
 import numpy as np
 
 import data
+import memory
 from cli import ArgumentParser, UserError, run_cli
 from decode import generate
 from model import COMPUTE_DTYPES, GPT, pick_compute_dtype, with_config
@@ -129,15 +129,10 @@ def with_dtype(model: GPT, dtype: str | None) -> GPT:
     return with_config(model, dataclasses.replace(model.config, compute_dtype=dtype))
 
 
-@contextlib.contextmanager
 def out_of_memory_is_user_error(args):
-    try:
-        yield
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        raise UserError(f"{args.num_samples} x {args.max_new_tokens} new tokens do not fit in this "
-                        "device's memory: lower --num_samples or --max_new_tokens") from None
+    return memory.out_of_memory_is_user_error(
+        f"{args.num_samples} x {args.max_new_tokens} new tokens do not fit in this device's memory",
+        "lower --num_samples or --max_new_tokens")
 
 
 def sample_keys(seed: int, num_samples: int):

@@ -395,9 +395,12 @@ def check_data_unchanged(config: TrainConfig, data_files: dict, step: int, last_
                         f"rerun with --rundir={rundir}")
 
 
-def not_counted(compile_seconds: float, evaluations: int, eval_seconds: float) -> str:
-    return (f"(the first step's {compile_seconds:.1f}s with compilation and {evaluations} "
-            f"evaluations' {eval_seconds:.1f}s not counted)")
+def reached_line(step: int, val: float, config: TrainConfig, seconds: float,
+                 compile_seconds: float, evaluations: int, eval_seconds: float) -> str:
+    """The last line of a run that reached target_val_loss: its training time, what is not in it."""
+    return (f"step {step} | reached val {val:.4f} <= target_val_loss={config.target_val_loss} "
+            f"after {seconds:.1f}s of training (the first step's {compile_seconds:.1f}s with "
+            f"compilation and {evaluations} evaluations' {eval_seconds:.1f}s not counted); stopping")
 
 
 def stopped_line(how: str, step: int, rundir: Path, manager) -> str:
@@ -437,7 +440,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             manager, set_aside = checkpoints.open_checkpoints(rundir, config.keep_checkpoints)
             stack.callback(manager.close)
             stack.callback(checkpoints.seal, manager)  # first: the last save on disk, checksummed
-        stack.enter_context(memory.out_of_memory_is_user_error(config, rundir))
+        stack.enter_context(memory.out_of_memory_while_training(config, rundir))
         model, opt_state, key_data, start, damaged = create_or_restore_state(
             config, abstract, manager, rundir, train_batches)
         if start >= config.max_steps:  # a finished run, started again: nothing to write
@@ -551,9 +554,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 evaluations += 1
                 if losses["val"] <= config.target_val_loss:
                     seconds = time.perf_counter() - run_clock - compile_seconds - eval_seconds
-                    log(f"step {step} | reached val {losses['val']:.4f} <= target_val_loss="
-                        f"{config.target_val_loss} after {seconds:.1f}s of training "
-                        f"{not_counted(compile_seconds, evaluations, eval_seconds)}; stopping")
+                    log(reached_line(step, losses["val"], config, seconds, compile_seconds,
+                                     evaluations, eval_seconds))
                     scalar("eval/seconds_to_target", seconds, step)
                     break
 
