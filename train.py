@@ -191,6 +191,11 @@ def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]
     return rows
 
 
+@eqx.filter_jit  # one compiled program: eagerly, tree_norm is five small compiles per leaf shape
+def weights_norm(model) -> jax.Array:
+    return optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array))
+
+
 def health_problem(losses: dict, model, last_grad_norm: float | None) -> str | None:
     """Why the state just evaluated must not be saved, or None: a loss or the weights' norm that
     is not finite, or a collapsed model (a zero gradient: it can never learn again, and it
@@ -198,7 +203,7 @@ def health_problem(losses: dict, model, last_grad_norm: float | None) -> str | N
     for split, loss in losses.items():
         if not math.isfinite(loss):
             return f"{split} loss is {loss}"
-    norm = float(jax.device_get(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array))))
+    norm = float(jax.device_get(weights_norm(model)))
     if not math.isfinite(norm):
         return f"the weights' norm is {norm}"
     if last_grad_norm is not None and last_grad_norm < 1e-8:
@@ -566,7 +571,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 how = "interrupted" if stop == "SIGINT" else f"stopped by {stop}"
                 if manager is not None and step != last_saved:  # else the evaluation just saved it
                     flush()
-                    norm = float(optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array)))
+                    norm = float(jax.device_get(weights_norm(model)))
                     if not math.isfinite(norm):
                         refuse_to_save(f"{how}: the weights' norm is {norm}")
                     save()

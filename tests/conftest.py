@@ -18,6 +18,20 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "data" / "tiktoken"))
 # default runs them in TF32 (10-bit mantissa); ask for full float32 here and in subprocesses.
 # A no-op on CPU. Tests of the bf16 path state their own, looser, tolerance.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# The suite compiles far more than it runs: with LLVM's optimisations off each XLA:CPU compile
+# takes about half as long, and the numbers are IEEE float math either way (BENCHMARKS.md, "The
+# test suite's time"). Subprocesses inherit it; those given fake devices add to it (fake_devices).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def fake_devices(n: int) -> dict:
+    """Environment for a subprocess with n fake CPU devices (on CPU even where a GPU is present),
+    the suite's XLA flags kept."""
+    return {"XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={n}",
+            "JAX_PLATFORMS": "cpu"}
+
+
 # One persistent compilation cache for this session and every process it starts: the same tiny
 # programs are compiled once, not by every launch again (BENCHMARKS.md, "The test suite's time").
 # A planted bug changes the program, and so its key. An empty JAX_COMPILATION_CACHE_DIR: no cache.

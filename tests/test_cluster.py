@@ -22,6 +22,7 @@ import pytest
 
 import multihost
 from cli import UserError
+from conftest import fake_devices
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to compile and run in seconds; float32 so runs on different meshes agree closely.
@@ -50,8 +51,7 @@ def environment(devices: int, **variables) -> dict:
     """os.environ without any SLURM variable of the machine running the tests, with `devices`
     fake CPU devices (on CPU even where a GPU is present) and the given variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **variables}
+    return {**env, **fake_devices(devices), "PYTHONUNBUFFERED": "1", **variables}
 
 
 def launch(data_dir, rundir, *args, devices: int, env=None) -> subprocess.CompletedProcess:

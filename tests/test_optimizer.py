@@ -21,6 +21,7 @@ import cli
 import optim
 import train
 from config import TrainConfig
+from conftest import fake_devices
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,7 +233,7 @@ print("MAX DIFF", worst)
 
 @pytest.mark.slow
 def test_muon_over_8_fsdp_shards_equals_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, **fake_devices(8)}
     result = subprocess.run([sys.executable, "-c", SHARDED_MUON.format(repo=str(REPO))], env=env,
                             capture_output=True, text=True, timeout=600)
     assert "MAX DIFF" in result.stdout, result.stdout + result.stderr

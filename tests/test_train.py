@@ -34,6 +34,7 @@ import optim
 import sharding
 import train
 from config import TrainConfig, with_data_vocab
+from conftest import fake_devices
 from model import flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,11 +50,6 @@ def data_dir(tmp_path_factory, shakespeare_input) -> str:
     out = tmp_path_factory.mktemp("data") / "shakespeare_char"
     run([REPO / "prepare_shakespeare.py", "--input", shakespeare_input, "--out_dir", out], check=True)
     return str(out)
-
-
-def FAKE_CPU_DEVICES(n: int) -> dict:
-    """Environment for a subprocess with n fake CPU devices, on CPU even where a GPU is present."""
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
 
 
 def run(args, env=None, check=False) -> subprocess.CompletedProcess:
@@ -362,7 +358,7 @@ def test_bad_inputs_give_one_line_and_exit_2(data_dir, tmp_path):
 @pytest.mark.slow
 def test_batch_that_does_not_divide_over_devices_is_refused(data_dir, tmp_path):
     result = launch_run(data_dir, tmp_path / "run", "--batch_size=6", check=False,
-                        env=FAKE_CPU_DEVICES(4))
+                        env=fake_devices(4))
     assert_one_line_error(result, "batch_size=6", "4 devices")
 
 
@@ -417,7 +413,7 @@ print("SHARDED RUNS MATCH")
 def test_fsdp_and_data_parallel_runs_match_one_device(data_dir, tmp_path):
     overrides = [f"--data_dir={data_dir}", *TINY_OVERRIDES]
     script = SHARDED_RUNS.format(repo=str(REPO), overrides=overrides, tmp=str(tmp_path))
-    result = run(["-c", script], env={**FAKE_CPU_DEVICES(8), "JAX_LOG_COMPILES": "1"})
+    result = run(["-c", script], env={**fake_devices(8), "JAX_LOG_COMPILES": "1"})
     assert "SHARDED RUNS MATCH" in result.stdout, result.stdout + result.stderr
     # One compile of the step per mesh: the step's outputs keep the shardings its inputs came
     # with, so step 2 does not compile it again for the arrays step 1 returned.
@@ -442,7 +438,7 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
     launch_run(data_dir, tmp_path / "single", *steps)
 
     coordinator = f"127.0.0.1:{free_port()}"
-    env = FAKE_CPU_DEVICES(2)  # 2 hosts x 2 devices
+    env = fake_devices(2)  # 2 hosts x 2 devices
     hosts = [
         subprocess.Popen(
             [sys.executable, str(REPO / "launch.py"), "--config=shakespeare_char_cpu",
@@ -506,7 +502,7 @@ def test_bench_reports_throughput_and_mfu_from_the_peak(tmp_path):
     args = ["--config=shakespeare_char_cpu", "--steps=2", "--warmup=1", "--model.vocab_size=65",
             *TINY_OVERRIDES]
     result = run(["-c", BENCH_WITH_PEAK.format(repo=str(REPO), args=args)],
-                 env=FAKE_CPU_DEVICES(2), check=True)
+                 env=fake_devices(2), check=True)
     assert "devices 2 x" in result.stdout and "tokens from" in result.stdout  # where batches came from
     measured = re.search(r"([\d.]+) ms/step \| ([\d,]+) tokens/s \| MFU ([\d.]+)%", result.stdout)
     assert measured, result.stdout
