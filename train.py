@@ -61,9 +61,17 @@ def init_state(config: TrainConfig, abstract_params, abstract_opt, optimizer):
         params = jax.device_put(eqx.filter(pretrained, eqx.is_array), shardings_of(abstract_params))
     else:
         make_params = lambda key: eqx.filter(GPT(config.model, key=key), eqx.is_array)  # noqa: E731
-        params = jax.jit(make_params, out_shardings=shardings_of(abstract_params))(jr.key(config.seed))
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings_of(abstract_opt))(params)
+        params = run_once(make_params, shardings_of(abstract_params), jr.key(config.seed))
+    opt_state = run_once(optimizer.init, shardings_of(abstract_opt), params)
     return params, opt_state
+
+
+def run_once(fn, out_shardings, *args):
+    """fn(*args) compiled with LLVM's optimisations off: a program run once is mostly its
+    compile, and this halves it (BENCHMARKS.md "Startup"). Random draws may differ by 1 ulp."""
+    compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile(
+        {"xla_backend_optimization_level": 0})
+    return compiled(*args)
 
 
 # ---------------------------------------------------------------------------------------------
