@@ -12,6 +12,8 @@ table for BENCHMARKS.md.
 --nanogpt runs that checkout's train.py with its Tiny Shakespeare config at this repo's CPU
 shapes, or as written with --nanogpt_config=gpu (it needs torch, and data/shakespeare_char
 prepared there by its own prepare.py). Each eqxgpt run gets a fresh --rundir under --out.
+Another corpus: prepare it in nanoGPT's data/NAME with its prepare.py, pass --nanogpt_dataset=NAME,
+--target=first (nanoGPT's final val) and the same text prepared here as each run's --data_dir.
 """
 
 import argparse
@@ -35,23 +37,25 @@ EVAL_LINE = re.compile(r"step (\d+)(?:: train loss [\d.]+, val loss | \| eval: t
                        r"(\d+\.\d+)")
 
 
-def timed_run(command: list[str], cwd: Path, target: float) -> dict:
+def timed_run(command: list[str], cwd: Path) -> dict:
     """Runs command to the end, reading its evaluations as they are printed."""
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, bufsize=1)
-    evals, reached = [], None
+    evals = []
     for line in process.stdout:
         seconds = time.perf_counter() - start
         if match := EVAL_LINE.search(line):
-            step, val = int(match[1]), float(match[2])
-            evals.append((step, val, seconds))
-            if reached is None and val <= target:
-                reached = (step, val, seconds)
+            evals.append((int(match[1]), float(match[2]), seconds))
     process.wait()
     if process.returncode != 0 or not evals:
         raise SystemExit(f"{shlex.join(command)} failed (exit {process.returncode})")
-    return {"evals": evals, "reached": reached, "total": time.perf_counter() - start}
+    return {"evals": evals, "total": time.perf_counter() - start}
+
+
+def first_reaching(evals: list, target: float):
+    """(step, val, seconds) of the first evaluation at or below target, or None."""
+    return next((e for e in evals if e[1] <= target), None)
 
 
 def main(argv):
@@ -60,7 +64,10 @@ def main(argv):
     parser.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout, run first")
     parser.add_argument("--nanogpt_config", choices=("cpu", "gpu"), default="cpu",
                         help="cpu: shakespeare_char_cpu's shapes; gpu: its own config")
-    parser.add_argument("--target", type=float, default=1.886, help="the val loss to reach")
+    parser.add_argument("--target", default="1.886",
+                        help="the val loss to reach, or 'first': the first run's last val")
+    parser.add_argument("--nanogpt_dataset", default="shakespeare_char",
+                        help="the folder of nanoGPT's data/ it trains on (its prepare.py's output)")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=COMMAND",
                         help="an eqxgpt command (run from this repo), repeatable")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="ttl_")),
@@ -71,26 +78,28 @@ def main(argv):
     if args.nanogpt:
         nanogpt_config = NANOGPT_CPU if args.nanogpt_config == "cpu" else NANOGPT_GPU
         runs.append(("nanoGPT (its train.py)", args.nanogpt, [sys.executable, "train.py",
-                     *nanogpt_config, f"--out_dir={args.out / 'nanogpt'}"]))
+                     *nanogpt_config, f"--dataset={args.nanogpt_dataset}",
+                     f"--out_dir={args.out / 'nanogpt'}"]))
     repo = Path(__file__).resolve().parents[1]
     for i, spec in enumerate(args.run):
         name, _, command = spec.partition("=")
         runs.append((name, repo, [*shlex.split(command), f"--rundir={args.out / f'run{i}'}"]))
 
-    rows, reference = [], None
+    rows = []
     for name, cwd, command in runs:
-        result = timed_run(command, cwd, args.target)
+        result = timed_run(command, cwd)
         print(f"# {name}: {shlex.join(command)}", flush=True)
         for step, val, seconds in result["evals"]:
             print(f"#   step {step}: val {val:.4f} at {seconds:.1f}s", flush=True)
         rows.append((name, result))
-        if reference is None and result["reached"]:
-            reference = result["reached"][2]
+    target = rows[0][1]["evals"][-1][1] if args.target == "first" else float(args.target)
+    first = first_reaching(rows[0][1]["evals"], target)
+    reference = first[2] if first else None
 
-    print(f"\n| run | first val <= {args.target} | wall to it | vs the first run | last val | "
+    print(f"\n| run | first val <= {target:.4f} | wall to it | vs the first run | last val | "
           "total wall |\n|---|---|---:|---:|---:|---:|")
     for name, result in rows:
-        step, val, seconds = result["reached"] or (None, None, None)
+        step, val, seconds = first_reaching(result["evals"], target) or (None, None, None)
         last_step, last_val, _ = result["evals"][-1]
         reached = f"step {step} ({val:.4f})" if step is not None else "not reached"
         wall = f"{seconds:.1f} s" if seconds is not None else "-"
