@@ -199,7 +199,7 @@ def check_finite(pending: list, last_good: int | None) -> list[tuple[int, dict]]
     return rows
 
 
-@eqx.filter_jit  # one compiled program: eagerly, tree_norm is five small compiles per leaf shape
+@eqx.filter_jit  # one compiled program: run eagerly, tree_norm compiles five small ones per leaf
 def weights_norm(model) -> jax.Array:
     return optax.tree_utils.tree_norm(eqx.filter(model, eqx.is_array))
 

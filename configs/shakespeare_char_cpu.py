@@ -8,6 +8,8 @@ from model import GPTConfig
 config = TrainConfig(
     data_dir="data/shakespeare_char",
     model=GPTConfig(
+        # 4 layers, batch 12: --model.n_layer=2 --batch_size=16 reaches nanoGPT's final loss in
+        # 0.6x this config's time, but ends higher on some corpora and seeds (BENCHMARKS.md round 5)
         block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
         mlp_activation="relu2",  # lower val than GELU on two corpora, and a cheaper step (BENCHMARKS.md)
         compute_dtype="float32",  # CPUs have no fast bf16 matmul: float32 is quicker here
