@@ -166,7 +166,8 @@ def main(argv):
           f"params {result['params_M']:.1f}M | tokens/step {config.tokens_per_step:,} | "
           f"compute {config.model.compute_dtype} | attention {config.model.attention} | "
           f"tokens from {source}")
-    print(f"compile {result['compile_s']:.1f}s | {result['ms_per_step']:.1f} ms/step | "
+    compiled = "read from the compilation cache in" if result["compiled_from_cache"] else "compile"
+    print(f"{compiled} {result['compile_s']:.1f}s | {result['ms_per_step']:.1f} ms/step | "
           f"{result['tokens_per_s']:,.0f} tokens/s | MFU {mfu} | peak memory {result['peak_memory']}")
     if args.profile:
         rows = kernel_times(args.profile, args.steps)

@@ -18,6 +18,17 @@ from model import num_params
 from sharding import batch_sharding, make_mesh
 
 
+CACHE_HITS: list[str] = []  # persistent compilation cache reads: a "compile" then is a file read
+
+
+def count_cache_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        CACHE_HITS.append(event)
+
+
+jax.monitoring.register_event_listener(count_cache_hit)
+
+
 def zipf_tokens(vocab_size: int, n: int = 2**22, exponent: float = 1.1) -> np.ndarray:
     """A stream whose token frequencies fall off as rank^-1.1, roughly as words in text do."""
     ranks = np.random.default_rng(0).zipf(exponent, size=n)
@@ -81,9 +92,11 @@ def benchmark(config: TrainConfig, steps: int, warmup: int, tokens: np.ndarray,
             model, opt_state, metrics = train_step(model, opt_state, x, y, np.int32(step), key_data)
         return jax.block_until_ready(metrics)
 
+    hits_before = len(CACHE_HITS)
     start = time.perf_counter()
     run(0, 1)
     compile_s = time.perf_counter() - start
+    compiled_from_cache = len(CACHE_HITS) > hits_before
     run(1, warmup)
     if profile_dir:
         jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
@@ -97,6 +110,7 @@ def benchmark(config: TrainConfig, steps: int, warmup: int, tokens: np.ndarray,
     return {
         "params_M": num_params(model) / 1e6,
         "compile_s": compile_s,
+        "compiled_from_cache": compiled_from_cache,
         "ms_per_step": seconds * 1e3,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu,

@@ -518,6 +518,15 @@ def test_bench_reports_throughput_and_mfu_from_the_peak(tmp_path):
                           "oops")
 
 
+def test_bench_says_when_its_compile_was_a_read_from_the_compilation_cache(tmp_path):
+    args = [REPO / "bench.py", "--config=shakespeare_char_cpu", "--steps=1", "--warmup=0",
+            "--model.vocab_size=65", *TINY_OVERRIDES]
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+    first, second = (run(args, env=cache, check=True).stdout for _ in range(2))
+    assert re.search(r"^compile [\d.]+s \|", first, re.M), first
+    assert re.search(r"^read from the compilation cache in [\d.]+s \|", second, re.M), second
+
+
 def test_a_checkpoint_of_another_optimizer_is_named_and_kept_a_damaged_one_called_damaged(tmp_path):
     params = {"w": jnp.ones(3)}
     abstract_params = jax.eval_shape(lambda: params)
