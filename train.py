@@ -68,7 +68,8 @@ def init_state(config: TrainConfig, abstract_params, abstract_opt, optimizer):
 
 def run_once(fn, out_shardings, *args):
     """fn(*args) compiled with LLVM's optimisations off: a program run once is mostly its
-    compile, and this halves it (BENCHMARKS.md "Startup"). Random draws may differ by 1 ulp."""
+    compile, and this halves it (BENCHMARKS.md round 5, "The start"). The normal sampler's
+    draws can differ from an optimised compile's by up to 2 ulps (tests/test_train.py)."""
     compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile(
         {"xla_backend_optimization_level": 0})
     return compiled(*args)

@@ -58,13 +58,17 @@ def first_reaching(evals: list, target: float):
     return next((e for e in evals if e[1] <= target), None)
 
 
+def val_target(text: str) -> float | str:
+    return text if text == "first" else float(text)
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nanogpt", type=Path, help="a karpathy/nanoGPT checkout, run first")
     parser.add_argument("--nanogpt_config", choices=("cpu", "gpu"), default="cpu",
                         help="cpu: shakespeare_char_cpu's shapes; gpu: its own config")
-    parser.add_argument("--target", default="1.886",
+    parser.add_argument("--target", type=val_target, default=1.886,
                         help="the val loss to reach, or 'first': the first run's last val")
     parser.add_argument("--nanogpt_dataset", default="shakespeare_char",
                         help="the folder of nanoGPT's data/ it trains on (its prepare.py's output)")
@@ -92,7 +96,7 @@ def main(argv):
         for step, val, seconds in result["evals"]:
             print(f"#   step {step}: val {val:.4f} at {seconds:.1f}s", flush=True)
         rows.append((name, result))
-    target = rows[0][1]["evals"][-1][1] if args.target == "first" else float(args.target)
+    target = rows[0][1]["evals"][-1][1] if args.target == "first" else args.target
     first = first_reaching(rows[0][1]["evals"], target)
     reference = first[2] if first else None
 

@@ -19,8 +19,9 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "data" / "tiktoken"))
 # A no-op on CPU. Tests of the bf16 path state their own, looser, tolerance.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # The suite compiles far more than it runs: with LLVM's optimisations off each XLA:CPU compile
-# takes about half as long, and the numbers are IEEE float math either way (BENCHMARKS.md, "The
-# test suite's time"). Subprocesses inherit it; those given fake devices add to it (fake_devices).
+# takes about half as long (BENCHMARKS.md, "The test suite's time"). Results can move by an ulp
+# or two against an optimised compile, and every comparison here runs both sides under the same
+# flag. Subprocesses inherit it; those given fake devices add to it (fake_devices).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 

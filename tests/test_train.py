@@ -35,7 +35,7 @@ import sharding
 import train
 from config import TrainConfig, with_data_vocab
 from conftest import fake_devices
-from model import flops_per_token
+from model import GPT, flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to compile and run in seconds; float32 so runs on different meshes agree closely.
@@ -174,6 +174,16 @@ def test_grad_accumulation_4x16_equals_one_batch_of_64(data_dir):
     np.testing.assert_allclose(whole_metrics["grad_norm"], accumulated_metrics["grad_norm"], rtol=1e-5)
     for a, b in zip(params_of(whole), params_of(accumulated)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_initialisation_compiled_unoptimised_draws_the_optimised_weights_to_2_ulps(data_dir):
+    config = tiny_config(data_dir)
+    make_params = lambda key: eqx.filter(GPT(config.model, key=key), eqx.is_array)  # noqa: E731
+    key = jr.key(config.seed)
+    fast_compile = train.run_once(make_params, None, key)
+    optimised = jax.jit(make_params).lower(key).compile({"xla_backend_optimization_level": 2})(key)
+    for a, b in zip(jax.tree.leaves(fast_compile), jax.tree.leaves(optimised)):
+        np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=2)
 
 
 def test_whole_run_compiles_each_step_once_and_evaluates_the_same_batches(data_dir, tmp_path,
