@@ -36,6 +36,9 @@ RUN = ["--config=shakespeare_char_cpu", "--model.n_layer=2", "--model.n_embd=64"
 # differs, so the losses are not bitwise equal (from step 1: the loss's own mean), but they stay
 # within one float32 ulp (1.2e-7 relative) over these 6 steps, on every path measured.
 LOSS_TOLERANCE = 1e-6
+# For the tests of how a run stops, not of what it computes: AdamW without the lookup tables
+# compiles in two thirds of the recipe's time, in every process (process 1 reads no cached programs).
+LIGHT = ["--optimizer=adamw", "--model.value_embeds=false", "--model.bigram_embed=false"]
 HEARTBEAT = 12  # seconds: a process silent for a quarter of it stops the run
 
 
@@ -212,7 +215,7 @@ def test_multihost_in_a_batch_script_without_srun_says_to_start_the_tasks_with_s
 def test_sigterm_to_every_task_saves_the_same_step_everywhere_and_exits_0(data_dir, tmp_path):
     # what `#SBATCH --signal=TERM@300` sends, to every task at once, before the time limit
     rundir = tmp_path / "run"
-    processes = launch_processes(data_dir, rundir, "--max_steps=40")
+    processes = launch_processes(data_dir, rundir, "--max_steps=40", *LIGHT)
     for line in processes[0].stdout:
         if line.startswith("step 3 |"):
             break
@@ -288,13 +291,13 @@ runpy.run_path("launch.py", run_name="__main__")
 """
 
 
-def kill_one_of_two(data_dir, rundir, process: int, step: int, max_steps: int):
+def kill_one_of_two(data_dir, rundir, process: int, step: int, max_steps: int, *args):
     """Two processes, one killed with SIGKILL at step; the survivor's (stdout, stderr), once it
     has stopped (exit code 1) within the heartbeat timeout of the death."""
     kill = PLANTED.format(repo=str(REPO), process=process, step=step,
                           failure="os.kill(os.getpid(), signal.SIGKILL)")
     processes = launch_processes(data_dir, rundir, f"--max_steps={max_steps}",
-                                 f"--heartbeat_timeout={HEARTBEAT}", script=kill)
+                                 f"--heartbeat_timeout={HEARTBEAT}", *args, script=kill)
     killed, survivor = processes[process], processes[1 - process]
     killed.wait(timeout=300)
     died = time.monotonic()
@@ -340,7 +343,7 @@ def test_a_collective_that_fails_because_a_peer_died_is_the_same_one_line(data_d
                           failure="lose_a_peer()")
     (code, out, err), (code_1, _, _) = finish(launch_processes(
         data_dir, tmp_path / "run", "--max_steps=6", f"--heartbeat_timeout={HEARTBEAT}",
-        "--debug", script=lose))
+        "--debug", *LIGHT, script=lose))
     assert code_1 == -signal.SIGKILL
     assert "FAILING NOW" in out and code == 1, out + err  # process 0 did raise the error
     lines = err.strip().splitlines()
@@ -355,7 +358,7 @@ def test_an_error_in_the_coordinator_process_stops_the_other_at_once(data_dir, t
                           failure='raise cli.UserError("planted: the disk of process 0 broke")')
     started = time.monotonic()
     (code_0, out_0, err_0), (code_1, _, err_1) = finish(launch_processes(
-        data_dir, tmp_path / "run", "--max_steps=100", f"--heartbeat_timeout={HEARTBEAT}",
+        data_dir, tmp_path / "run", "--max_steps=100", f"--heartbeat_timeout={HEARTBEAT}", *LIGHT,
         script=fail))
     assert "FAILING NOW" in out_0, out_0 + err_0
     # without stop_together both wait for each other in JAX's shutdown, then abort (5 minutes)
@@ -372,7 +375,7 @@ def test_an_error_in_the_coordinator_process_stops_the_other_at_once(data_dir, t
 @pytest.mark.slow
 def test_the_coordinator_process_killed_stops_the_other_with_the_same_one_line(data_dir, tmp_path):
     # process 0 holds JAX's coordination service: with it gone the survivor can read no beats
-    out, err = kill_one_of_two(data_dir, tmp_path / "run", process=0, step=6, max_steps=100)
+    out, err = kill_one_of_two(data_dir, tmp_path / "run", 0, 6, 100, *LIGHT)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err and "Terminating" not in err, err
     assert lines[0].startswith("error: process 0 of 2 stopped responding"), lines[0]

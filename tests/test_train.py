@@ -13,7 +13,6 @@ import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -110,7 +109,7 @@ def test_weight_decay_shrinks_only_matrices(data_dir):
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = optimizer.update(zeros, opt_state, params)
+    updates, _ = jax.jit(optimizer.update)(zeros, opt_state, params)  # eager: ~700 small compiles
     assert float(jnp.abs(updates.blocks.attn.qkv.weight).max()) > 0
     assert float(jnp.abs(updates.blocks.attn_norm.weight).max()) == 0
 
@@ -403,7 +402,7 @@ from config import TrainConfig, with_data_vocab
 base = cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig), {overrides!r})
 base = dataclasses.replace(base, max_steps=3, eval_interval=3, fsdp_min_size=1024)
 results = {{}}
-for data_parallel, fsdp in [(1, 1), (2, 4), (1, 8)]:
+for data_parallel, fsdp in [(1, 1), (2, 4)]:
     config = dataclasses.replace(base, data_parallel=data_parallel, fsdp=fsdp)
     model = train.train(config, f"{tmp}/run_{{data_parallel}}x{{fsdp}}")
     qkv = model.blocks.attn.qkv.weight  # (layers, 64, 192): 12,288 elements per layer
@@ -427,48 +426,11 @@ def test_fsdp_and_data_parallel_runs_match_one_device(data_dir, tmp_path):
     assert "SHARDED RUNS MATCH" in result.stdout, result.stdout + result.stderr
     # One compile of the step per mesh: the step's outputs keep the shardings its inputs came
     # with, so step 2 does not compile it again for the arrays step 1 returned.
-    assert result.stderr.count("Compiling jit(train_step)") == 3, result.stderr[-3000:]
+    assert result.stderr.count("Compiling jit(train_step)") == 2, result.stderr[-3000:]
     # the losses logged along the way agree too
     reference = scalars(tmp_path / "run_1x1")["train/loss"]
-    for mesh in ("2x4", "1x8"):
-        logged = scalars(tmp_path / f"run_{mesh}")["train/loss"]
-        for step, value in logged.items():
-            assert abs(value - reference[step]) < 1e-5, (mesh, step)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_train_like_one(data_dir, tmp_path):
-    steps = ["--max_steps=3", "--eval_interval=3"]
-    launch_run(data_dir, tmp_path / "single", *steps)
-
-    coordinator = f"127.0.0.1:{free_port()}"
-    env = fake_devices(2)  # 2 hosts x 2 devices
-    hosts = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "launch.py"), "--config=shakespeare_char_cpu",
-             f"--data_dir={data_dir}", f"--rundir={tmp_path / 'multi'}", *TINY_OVERRIDES, *steps,
-             "--multihost", f"--coordinator={coordinator}", "--num_processes=2",
-             f"--process_id={i}"],
-            cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
-        for i in range(2)
-    ]
-    outputs = [host.communicate(timeout=600) for host in hosts]
-    for host, (out, err) in zip(hosts, outputs):
-        assert host.returncode == 0, out + err
-    assert "4 cpu devices" in outputs[0][0]
-    assert "step" not in outputs[1][0]  # only process 0 logs (gloo prints its own lines)
-
-    _, single, _ = checkpoints.load_model(tmp_path / "single")
-    _, multi, _ = checkpoints.load_model(tmp_path / "multi")
-    for a, b in zip(params_of(single), params_of(multi)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    for step, value in scalars(tmp_path / "run_2x4")["train/loss"].items():
+        assert abs(value - reference[step]) < 1e-5, step
 
 
 @pytest.mark.slow
