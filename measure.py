@@ -6,7 +6,6 @@ import resource
 import time
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import numpy as np
 
@@ -73,8 +72,7 @@ def benchmark(config: TrainConfig, steps: int, warmup: int, tokens: np.ndarray,
     mesh = make_mesh(config)
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
-    model = eqx.combine(params, static)
-    train_step = train.make_train_step(config, optimizer, abstract_params, abstract_opt)
+    train_step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
 
     # The batches train.py would draw (seed 1337), made before timing: the host's sampling is
     # not the step's cost (the training loop prefetches it in a thread).
@@ -85,11 +83,11 @@ def benchmark(config: TrainConfig, steps: int, warmup: int, tokens: np.ndarray,
     key_data = np.zeros(2, np.uint32)
 
     def run(first_step, n):
-        nonlocal model, opt_state
+        nonlocal params, opt_state
         metrics = None
         for step in range(first_step, first_step + n):
-            x, y = (jax.device_put(a, sharding) for a in batches[step])  # the step donates them
-            model, opt_state, metrics = train_step(model, opt_state, x, y, np.int32(step), key_data)
+            x, y = (jax.device_put(a, sharding) for a in batches[step])
+            params, opt_state, metrics = train_step(params, opt_state, x, y, np.int32(step), key_data)
         return jax.block_until_ready(metrics)
 
     hits_before = len(CACHE_HITS)
@@ -108,7 +106,7 @@ def benchmark(config: TrainConfig, steps: int, warmup: int, tokens: np.ndarray,
 
     tokens_per_s, mfu = train.throughput(config, seconds, mesh.size)
     return {
-        "params_M": num_params(model) / 1e6,
+        "params_M": num_params(params) / 1e6,
         "compile_s": compile_s,
         "compiled_from_cache": compiled_from_cache,
         "ms_per_step": seconds * 1e3,

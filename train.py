@@ -9,6 +9,7 @@ line on top of `train`.
 
 import contextlib
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -79,14 +80,18 @@ def run_once(fn, out_shardings, *args):
 # The step
 
 
-def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_opt):
+def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_opt, static):
+    """train_step(params, opt_state, tokens, targets, step, key_data) -> (params, opt_state,
+    metrics): the model's arrays in and out, its static half (static) closed over. jax.jit on
+    arrays alone: eqx.filter_jit sorts every argument's leaves on each call, ~1.3 ms a step on a
+    CPU that the step's own threads then wait for (BENCHMARKS.md round 6)."""
     schedule = lr_schedule(config)
     param_shardings, opt_shardings = shardings_of(abstract_params), shardings_of(abstract_opt)
 
-    @eqx.filter_jit(donate="all")
-    def train_step(model, opt_state, tokens, targets, step, key_data):
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, tokens, targets, step, key_data):
         """One optimizer step over grad_accum micro-batches; metrics stay on device."""
-        params = eqx.filter(model, eqx.is_array)
+        model = eqx.combine(params, static)
         key = jr.fold_in(jr.wrap_key_data(key_data), step)  # dropout: a function of (seed, step)
         scale = loss_scale(opt_state)  # None but under float16 compute
 
@@ -117,7 +122,7 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
         # Gradients land sharded like their parameters (a reduce-scatter, not an all-reduce).
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        model = eqx.apply_updates(model, updates)
+        params = eqx.apply_updates(params, updates)
         # The optimizer state keeps the FSDP rule's placement (XLA would split some small arrays it
         # was given whole): step 2's inputs match step 1's, so the step is compiled once, not twice.
         opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings)
@@ -125,7 +130,7 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
         metrics = {"loss": losses.mean(), "grad_norm": grad_norm, "lr": schedule(step)}
         if scale is not None:
             metrics |= loss_scale_metrics(opt_state)
-        return model, opt_state, metrics
+        return params, opt_state, metrics
 
     return train_step
 
@@ -260,7 +265,7 @@ def open_data(config: TrainConfig, meta: dict, mesh):
 
 
 def create_or_restore_state(config: TrainConfig, abstract, manager, rundir: Path, train_batches):
-    """(model, opt_state, dropout key data, step, notes): restored from the newest intact
+    """(params, opt_state, dropout key data, step, notes): restored from the newest intact
     checkpoint (which also moves train_batches on to its step), else initialised (or GPT-2's,
     with init_from). notes name the checkpoints set aside as damaged on the way."""
     abstract_params, abstract_opt, static, optimizer = abstract
@@ -274,7 +279,7 @@ def create_or_restore_state(config: TrainConfig, abstract, manager, rundir: Path
     else:
         train_batches.load_state_dict(run_state["sampler"])
         key_data = run_state["key"]
-    return eqx.combine(params, static), opt_state, key_data, step, notes
+    return params, opt_state, key_data, step, notes
 
 
 @contextlib.contextmanager
@@ -455,15 +460,15 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             stack.callback(manager.close)
             stack.callback(checkpoints.seal, manager)  # first: the last save on disk, checksummed
         stack.enter_context(memory.out_of_memory_while_training(config, rundir))
-        model, opt_state, key_data, start, damaged = create_or_restore_state(
+        params, opt_state, key_data, start, damaged = create_or_restore_state(
             config, abstract, manager, rundir, train_batches)
+        abstract_params, abstract_opt, static, optimizer = abstract
         if start >= config.max_steps:  # a finished run, started again: nothing to write
             if jax.process_index() == 0:
                 print(f"nothing to do: {rundir} is at step {start} of max_steps={config.max_steps} "
                       "(raise --max_steps to train on)", flush=True)
-            return model
-        abstract_params, abstract_opt, _, optimizer = abstract
-        train_step = make_train_step(config, optimizer, abstract_params, abstract_opt)
+            return eqx.combine(params, static)
+        train_step = make_train_step(config, optimizer, abstract_params, abstract_opt, static)
         if stop_requested(start, manager) == "SIGINT":  # Ctrl-C while restoring: nothing to keep
             raise KeyboardInterrupt
         log, scalar, bar = stack.enter_context(run_outputs(config, rundir, meta, data_files, start,
@@ -471,7 +476,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         for line in start_notes(config, rundir, meta, set_aside, damaged, start, picked,
                                 vocab_from_data, changes):
             log(line)
-        log(starting_line(config, rundir, model, mesh, start))
+        log(starting_line(config, rundir, params, mesh, start))
         batches = stack.enter_context(contextlib.closing(train_batches.prefetch()))
 
         step, last_saved, pending = start, (start or None), []  # pending: metrics still on device
@@ -483,7 +488,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         profiling = False
 
         def save(val_loss=None):
-            checkpoints.save_checkpoint(manager, step, eqx.filter(model, eqx.is_array), opt_state,
+            checkpoints.save_checkpoint(manager, step, params, opt_state,
                                         train_batches.state_dict(), key_data, val_loss)
 
         def flush():
@@ -505,10 +510,10 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         while step < config.max_steps:
             # step: one optimizer step; its metrics stay on device until the next log line
             tokens, targets = map(to_global, next(batches))
-            args = (model, opt_state, tokens, targets, np.int32(step), key_data)
+            args = (params, opt_state, tokens, targets, np.int32(step), key_data)
             if step == start:  # the step compiles: refused here if it cannot fit
                 memory.check_step_fits(config, train_step, args)
-            model, opt_state, metrics = train_step(*args)
+            params, opt_state, metrics = train_step(*args)
             pending.append((step, metrics))
             step += 1
             bar.update(1)  # host-side only: the bar reads no metric here
@@ -526,7 +531,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                     stack.callback(lambda: profiling and jax.profiler.stop_trace())
                 step_timer, timed_from = time.perf_counter(), step
             if profiling and step >= min(start + 1 + config.profile_steps, config.max_steps):
-                jax.block_until_ready(model)
+                jax.block_until_ready(params)
                 jax.profiler.stop_trace()
                 profiling = False
                 log(f"profile of steps {start + 2}-{step} written to {rundir / 'profile'}")
@@ -553,6 +558,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 flush()
                 eval_start = time.perf_counter()
                 check_data_unchanged(config, data_files, step, last_saved, rundir)
+                model = eqx.combine(params, static)
                 losses = evaluate(model, eval_batches, config, to_global, show=not bar.disable)
                 log(f"step {step} | eval: train {losses['train']:.4f} | val {losses['val']:.4f}")
                 scalar("eval/train_loss", losses["train"], step)
@@ -580,7 +586,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 how = "interrupted" if stop == "SIGINT" else f"stopped by {stop}"
                 if manager is not None and step != last_saved:  # else the evaluation just saved it
                     flush()
-                    norm = float(jax.device_get(weights_norm(model)))
+                    norm = float(jax.device_get(weights_norm(params)))
                     if not math.isfinite(norm):
                         refuse_to_save(f"{how}: the weights' norm is {norm}")
                     save()
@@ -588,4 +594,4 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
                 if stop == "SIGINT":
                     raise KeyboardInterrupt
                 break
-    return model
+    return eqx.combine(params, static)

@@ -16,7 +16,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,16 +201,15 @@ def params_after(config, tokens, steps):
     mesh = make_mesh(config)
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
-    state = eqx.combine(params, static)
-    train_step = train.make_train_step(config, optimizer, abstract_params, abstract_opt)
+    train_step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
     sampler = data.BatchSampler(tokens, config.model.block_size, config.batch_size, 1,
                                       seed=1337)
     key_data = np.asarray([0, 7], np.uint32)
     sharding = batch_sharding(mesh)
     for step in range(steps):
         x, y = (jax.device_put(a, sharding) for a in sampler.batch(step))
-        state, opt_state, _ = train_step(state, opt_state, x, y, np.int32(step), key_data)
-    return [np.asarray(a) for a in jax.tree.leaves(eqx.filter(state, eqx.is_array))]
+        params, opt_state, _ = train_step(params, opt_state, x, y, np.int32(step), key_data)
+    return [np.asarray(a) for a in jax.tree.leaves(params)]
 
 
 def determinism(shape, variants, data_dir, tokens, steps=3):

@@ -67,10 +67,10 @@ def test_an_allocation_failure_mid_run_is_one_line_after_the_last_checkpoint(dat
     def failing_at_step_4(*args):
         train_step = make_train_step(*args)
 
-        def step(model, opt_state, tokens, targets, step, key_data):
+        def step(params, opt_state, tokens, targets, step, key_data):
             if int(step) == 3:  # the 4th step asks for more than any host has: a real failure
                 jnp.zeros(2**40, jnp.uint8).block_until_ready()
-            return train_step(model, opt_state, tokens, targets, step, key_data)
+            return train_step(params, opt_state, tokens, targets, step, key_data)
 
         step.lower = train_step.lower
         return step

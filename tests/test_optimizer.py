@@ -212,13 +212,12 @@ def train_3_steps(config):
     mesh = sharding.make_mesh(config)
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
     params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
-    model = eqx.combine(params, static)
-    step = train.make_train_step(config, optimizer, abstract_params, abstract_opt)
+    step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
     rows = sharding.batch_sharding(mesh)
     for i in range(3):
         x, y = (jax.device_put(a, rows) for a in (tokens[i, :, :, :-1], tokens[i, :, :, 1:]))
-        model, opt_state, _ = step(model, opt_state, x, y, np.int32(i), np.zeros(2, np.uint32))
-    return model, opt_state
+        params, opt_state, _ = step(params, opt_state, x, y, np.int32(i), np.zeros(2, np.uint32))
+    return eqx.combine(params, static), opt_state
 one, _ = train_3_steps(dataclasses.replace(config, fsdp=1))
 eight, opt_state = train_3_steps(config)
 mu = opt_state[1].inner_states["muon"].inner_state[0][0].mu.blocks.mlp.fc.weight

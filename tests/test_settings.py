@@ -315,8 +315,8 @@ def observe_state(config: TrainConfig, where):
     """The state a new run starts from: its parameters and its dropout key."""
     mesh = sharding.make_mesh(config)
     abstract = train.abstract_state(config, mesh)
-    model, _, key_data, _, _ = train.create_or_restore_state(config, abstract, None, None, None)
-    return {"params": params_of(model), "dropout_key": np.asarray(key_data)}
+    params, _, key_data, _, _ = train.create_or_restore_state(config, abstract, None, None, None)
+    return {"params": params_of(params), "dropout_key": np.asarray(key_data)}
 
 
 def observe_placements(config: TrainConfig, where):

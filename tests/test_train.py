@@ -139,14 +139,14 @@ def test_dropout_masks_change_with_the_step_and_repeat_on_a_rerun(data_dir):
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.3))
     mesh = sharding.make_mesh(config)
     abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
-    train_step = train.make_train_step(config, optimizer, abstract_params, abstract_opt)
+    train_step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
     tokens, targets = np.random.default_rng(0).integers(0, 65, (2, 1, 8, 32), dtype=np.int32)
     key_data = np.asarray(jr.key_data(jr.key(config.seed)))
 
     def loss_at(step):  # the loss is computed before the update: only dropout's key can move it
+        # fresh each time: the step donates its inputs
         params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
-        model = eqx.combine(params, static)  # fresh each time: the step donates its inputs
-        _, _, metrics = train_step(model, opt_state, tokens, targets, np.int32(step), key_data)
+        _, _, metrics = train_step(params, opt_state, tokens, targets, np.int32(step), key_data)
         return float(metrics["loss"])
 
     assert loss_at(5) == loss_at(5)  # a rerun (a resume) draws the same masks
@@ -159,11 +159,11 @@ def test_grad_accumulation_4x16_equals_one_batch_of_64(data_dir):
         mesh = sharding.make_mesh(config)
         abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
         params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
-        step = train.make_train_step(config, optimizer, abstract_params, abstract_opt)
+        step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
         shape = (grad_accum, batch_size, tokens.shape[-1])
-        model, _, metrics = step(eqx.combine(params, static), opt_state, tokens.reshape(shape),
-                                 targets.reshape(shape), np.int32(5), np.zeros(2, np.uint32))
-        return model, metrics
+        params, _, metrics = step(params, opt_state, tokens.reshape(shape), targets.reshape(shape),
+                                  np.int32(5), np.zeros(2, np.uint32))
+        return eqx.combine(params, static), metrics
 
     rng = np.random.default_rng(0)
     tokens, targets = rng.integers(0, 65, (2, 64, 32), dtype=np.int32)
