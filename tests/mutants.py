@@ -158,8 +158,8 @@ MUTANTS = [
      "manager, set_aside = checkpoints.open_checkpoints(rundir, 3)", TRAIN),
     ("train.batch_seed_unused", "train.py", "train_batches = sampler(\"train\", config.seed, config.grad_accum)",
      "train_batches = sampler(\"train\", 1337, config.grad_accum)", TRAIN),
-    ("train.init_seed_unused", "train.py", "params = jax.jit(make_params, out_shardings=shardings_of(abstract_params))(jr.key(config.seed))",
-     "params = jax.jit(make_params, out_shardings=shardings_of(abstract_params))(jr.key(1337))", TRAIN),
+    ("train.init_seed_unused", "train.py", "params = run_once(make_params, shardings_of(abstract_params), jr.key(config.seed))",
+     "params = run_once(make_params, shardings_of(abstract_params), jr.key(1337))", TRAIN),
     ("train.log_interval_unused", "train.py", "if step % config.log_interval == 0 or step == config.max_steps:",
      "if step % 10 == 0 or step == config.max_steps:", TRAIN),
     # data.py
