@@ -83,8 +83,8 @@ def run_once(fn, out_shardings, *args):
 def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_opt, static):
     """train_step(params, opt_state, tokens, targets, step, key_data) -> (params, opt_state,
     metrics): the model's arrays in and out, its static half (static) closed over. jax.jit on
-    arrays alone: eqx.filter_jit sorts every argument's leaves on each call, ~1.3 ms a step on a
-    CPU that the step's own threads then wait for (BENCHMARKS.md round 6)."""
+    arrays alone: eqx.filter_jit sorts every argument's leaves on each call, ~1 ms of host time
+    a call, and the CPU step ran 4.5 ms faster without it (BENCHMARKS.md round 6)."""
     schedule = lr_schedule(config)
     param_shardings, opt_shardings = shardings_of(abstract_params), shardings_of(abstract_opt)
 
