@@ -56,3 +56,14 @@ def test_train_reads_in_one_sitting():
     assert len(source.splitlines()) < 165, len(source.splitlines())
     for section in ("# step:", "# log:", "# evaluate and save:", "# stop:"):
         assert section in source, section
+
+
+def test_every_mutant_of_tests_mutants_py_can_still_be_planted():
+    # a snippet the code no longer holds plants nothing: its mutant would quietly stop being run
+    import mutants
+
+    for name, file, snippet, mutated, covering in mutants.MUTANTS:
+        count = (REPO / file).read_text().count(snippet)
+        assert count == 1, f"{name}: its snippet occurs {count} times in {file}"
+        assert mutated != snippet, name
+        assert all((REPO / path).exists() for path in covering), name
