@@ -1,6 +1,6 @@
 """The house rules a test can check: no import circle among the modules (not even through an
-import inspect
-import inside a function), and no script importing another script."""
+import inside a function), no script importing another script, train() short enough to read in
+one sitting, and every mutant of tests/mutants.py still plantable in the code it names."""
 
 import ast
 import inspect
