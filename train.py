@@ -67,13 +67,20 @@ def init_state(config: TrainConfig, abstract_params, abstract_opt, optimizer):
     return params, opt_state
 
 
+# Outputs up to this many elements are made by a program compiled with LLVM's optimisations off.
+RUN_ONCE_UNOPTIMISED_UP_TO = 2**24
+
+
 def run_once(fn, out_shardings, *args):
-    """fn(*args) compiled with LLVM's optimisations off: a program run once is mostly its
-    compile, and this halves it (BENCHMARKS.md round 5, "The start"). The normal sampler's
-    draws can differ from an optimised compile's by up to 2 ulps (tests/test_train.py)."""
-    compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile(
-        {"xla_backend_optimization_level": 0})
-    return compiled(*args)
+    """fn(*args), compiled with LLVM's optimisations off when its outputs are small: a program
+    run once is then mostly its compile, and this halves it (BENCHMARKS.md round 5, "The start").
+    Larger, its run is the cost: GPT-2 124M's initial draws take 6.1 s unoptimised and 3.0 s
+    optimised, compile included (BENCHMARKS.md round 6). The normal sampler's draws can differ
+    from an optimised compile's by up to 2 ulps (tests/test_train.py)."""
+    lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
+    elements = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(lowered.out_info))
+    small = elements <= RUN_ONCE_UNOPTIMISED_UP_TO
+    return lowered.compile({"xla_backend_optimization_level": 0} if small else None)(*args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -185,6 +185,18 @@ def test_initialisation_compiled_unoptimised_draws_the_optimised_weights_to_2_ul
         np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=2)
 
 
+def test_only_small_programs_run_once_are_compiled_unoptimised(monkeypatch):
+    options = []
+    compile_lowered = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, compiler_options=None:
+                        options.append(compiler_options) or compile_lowered(self, compiler_options))
+    largest_small = train.RUN_ONCE_UNOPTIMISED_UP_TO
+    small = train.run_once(lambda: jnp.ones(largest_small, jnp.int8), None)
+    large = train.run_once(lambda: (jnp.ones(largest_small, jnp.int8), jnp.ones(1)), None)
+    assert options == [{"xla_backend_optimization_level": 0}, None]
+    assert int(small.sum()) == largest_small and float(large[1][0]) == 1.0
+
+
 def test_whole_run_compiles_each_step_once_and_evaluates_the_same_batches(data_dir, tmp_path,
                                                                           caplog, monkeypatch):
     evaluated = []  # the token batches of every eval_step call, in order
