@@ -207,6 +207,9 @@ MUTANTS = [
      "correct += int(np.any(out[: len(chunk)] == chunk[:, prompt_length:], axis=1).sum())", EVALUATION),
     ("evaluation.byte_count_of_inputs", "evaluation.py", "n_bytes += int(byte_lengths[targets[targets >= 0]].sum())",
      "n_bytes += int(byte_lengths[inputs[targets >= 0]].sum())", EVALUATION),
+    # cli.py
+    ("cli.freed_heap_trimmed", "cli.py", "libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)",
+     "libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)", ["tests/test_memory.py"]),
 ]
 
 
