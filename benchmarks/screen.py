@@ -4,6 +4,7 @@ chosen steps, against the config as it is.
     python benchmarks/screen.py --name=today
     python benchmarks/screen.py --name=wsd --change="--lr_schedule=wsd --cooldown_frac=0.5"
     python benchmarks/screen.py --table today wsd         # the markdown rows of finished screens
+    python benchmarks/screen.py --name=wsd --change="..." --seeds=1339   # a seed more, same screen
 
 Each screen is four runs of `launch.py --config=shakespeare_char_cpu --eval_interval=50` plus the
 change: Tiny Shakespeare and a second corpus (CPython's standard library, which no recipe was
@@ -11,7 +12,8 @@ fitted to), seeds 1337 and 1338. They run --jobs at a time, each pinned to one c
 these are losses, not times: time to a loss is benchmarks/time_to_loss.py's, on a quiet machine.
 Every evaluation of every run goes to runs/screen/<name>/results.json; the table prints val at
 --steps (default 400 / 500 / 2000) per run, and the mean change at the last step against the
-first screen named.
+first screen named. --seeds runs other seeds and adds them to the screen's results (the change
+must be the one it was screened with); the table shows the seeds of the first screen named.
 
 The second corpus is made on first use: the first 1,115,394 characters (Tiny Shakespeare's
 length) of this Python's Lib/*.py in name order, ASCII files only, as data/pystdlib_char.
@@ -63,29 +65,34 @@ def one_run(name: str, corpus: str, seed: int, change: list[str], core: int | No
             "val": {int(m[1]): float(m[2]) for m in EVAL_LINE.finditer(log)}}
 
 
-def screen(name: str, change: list[str], jobs: int) -> list[dict]:
+def screen(name: str, change: list[str], jobs: int, seeds=SEEDS) -> list[dict]:
     if not (REPO / CORPORA["stdlib"] / "meta.json").exists():
         make_stdlib_corpus(REPO / CORPORA["stdlib"])
-    runs = [(corpus, seed) for corpus in CORPORA for seed in SEEDS]
+    out = REPO / "runs" / "screen" / name / "results.json"
+    earlier = json.loads(out.read_text())["runs"] if out.exists() else []
+    if earlier and json.loads(out.read_text())["change"] != change:
+        raise SystemExit(f"{out} was screened with another --change: give the new runs a new --name")
+    runs = [(corpus, seed) for corpus in CORPORA for seed in seeds]
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(one_run, name, corpus, seed, change, i % jobs if jobs > 1 else None)
                    for i, (corpus, seed) in enumerate(runs)]
-        results = [f.result() for f in futures]
-    out = REPO / "runs" / "screen" / name / "results.json"
+        new = [f.result() for f in futures]
+    results = [r for r in earlier if (r["corpus"], r["seed"]) not in runs] + new
     out.write_text(json.dumps({"name": name, "change": change, "runs": results}, indent=1) + "\n")
     return results
 
 
 def table(names: list[str], steps: list[int]) -> str:
     screens = [json.loads((REPO / "runs" / "screen" / n / "results.json").read_text()) for n in names]
-    header = " | ".join(f"{corpus} {seed}" for corpus in CORPORA for seed in SEEDS)
+    seeds = sorted({r["seed"] for r in screens[0]["runs"]})
+    header = " | ".join(f"{corpus} {seed}" for corpus in CORPORA for seed in seeds)
     lines = [f"| run | {header} | mean at {steps[-1]} vs {names[0]} |",
-             "|---" * (len(CORPORA) * len(SEEDS) + 2) + "|"]
+             "|---" * (len(CORPORA) * len(seeds) + 2) + "|"]
     base = {(r["corpus"], r["seed"]): r["val"][str(steps[-1])] for r in screens[0]["runs"]}
     for s in screens:
         cells, deltas = [], []
         for corpus in CORPORA:
-            for seed in SEEDS:
+            for seed in seeds:
                 run = next(r for r in s["runs"] if (r["corpus"], r["seed"]) == (corpus, seed))
                 cells.append(" / ".join(f"{run['val'][str(step)]:.3f}" for step in steps))
                 deltas.append(run["val"][str(steps[-1])] - base[(corpus, seed)])
@@ -102,6 +109,7 @@ def main(argv):
     parser.add_argument("--change", default="", help="launch.py overrides, as one string")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one core each")
     parser.add_argument("--steps", default="400,500,2000", help="the evaluations the table shows")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="the seeds to run")
     parser.add_argument("--table", nargs="+", metavar="NAME", help="print the rows of these screens")
     args = parser.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")]
@@ -110,7 +118,7 @@ def main(argv):
         return
     if not args.name:
         parser.error("--name is needed to run a screen")
-    screen(args.name, shlex.split(args.change), args.jobs)
+    screen(args.name, shlex.split(args.change), args.jobs, [int(s) for s in args.seeds.split(",")])
     print(table([args.name], steps))
 
 
