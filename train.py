@@ -144,18 +144,23 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
 
 @eqx.filter_jit
 def eval_step(model, tokens, targets):
-    return loss_fn(model, tokens[0], targets[0])
+    """The mean loss of a stack of batches, (batches, batch, seq): one call, the batches one after
+    the other (lax.map), so it holds one batch's activations at a time."""
+    return jnp.mean(jax.lax.map(lambda batch: loss_fn(model, *batch), (tokens, targets)))
 
 
 def evaluate(model, samplers: dict, config: TrainConfig, to_global, show=False) -> dict[str, float]:
     """Mean loss over the same eval_iters batches of each split every time: comparable over a run.
-    show: a short progress bar per split (it counts batches sent, not finished: no sync)."""
+    One call per split: 40 calls of one batch each took 13% longer at shakespeare_char_cpu
+    (BENCHMARKS.md, "round 7"). show: a short progress bar, a split at a time."""
     losses = {}
-    for split, sampler in samplers.items():
-        batches = tqdm(range(config.eval_iters), desc=f"eval {split}", unit="batch", leave=False,
-                       file=sys.stdout, disable=not show, **bar_width())
-        batch_losses = [eval_step(model, *map(to_global, sampler.batch(i))) for i in batches]
-        losses[split] = jax.device_get(jnp.mean(jnp.stack(batch_losses))).item()  # one sync
+    splits = tqdm(samplers.items(), desc="eval", unit="split", leave=False, file=sys.stdout,
+                  disable=not show, **bar_width())
+    for split, sampler in splits:
+        splits.set_description(f"eval {split}")
+        batches = [sampler.batch(i) for i in range(config.eval_iters)]  # each (1, rows, seq)
+        tokens, targets = (to_global(np.concatenate(part)) for part in zip(*batches))
+        losses[split] = jax.device_get(eval_step(model, tokens, targets)).item()  # one sync
     return losses
 
 

@@ -199,7 +199,7 @@ def test_only_small_programs_run_once_are_compiled_unoptimised(monkeypatch):
 
 def test_whole_run_compiles_each_step_once_and_evaluates_the_same_batches(data_dir, tmp_path,
                                                                           caplog, monkeypatch):
-    evaluated = []  # the token batches of every eval_step call, in order
+    evaluated = []  # the stacked token batches of every eval_step call, in order
     eval_step = train.eval_step
     monkeypatch.setattr(train, "eval_step", lambda model, tokens, targets: evaluated.append(
         np.asarray(tokens)) or eval_step(model, tokens, targets))
@@ -210,12 +210,15 @@ def test_whole_run_compiles_each_step_once_and_evaluates_the_same_batches(data_d
     compiles = [r.message for r in caplog.records if r.message.startswith("Compiling jit(")]
     assert sum("jit(train_step)" in m for m in compiles) == 1, compiles
     assert sum("jit(eval_step)" in m for m in compiles) == 1, compiles  # evals reuse one too
-    # Evaluations at steps 5, 10 and 12, each over eval_iters batches of each split
-    per_eval = 2 * config.eval_iters
-    assert len(evaluated) == 3 * per_eval
-    first = evaluated[:per_eval]
-    assert not np.array_equal(first[0], first[1])  # eval_iters different batches...
-    for later in (evaluated[per_eval : 2 * per_eval], evaluated[2 * per_eval :]):
+    # Evaluations at steps 5, 10 and 12, each one call per split over eval_iters batches
+    assert len(evaluated) == 3 * 2
+    assert all(t.shape == (config.eval_iters, config.batch_size, config.model.block_size)
+               for t in evaluated)
+    first = evaluated[:2]
+    for split in first:
+        assert not np.array_equal(split[0], split[1])  # eval_iters different batches...
+    assert not np.array_equal(first[0], first[1])  # ...other ones for each split...
+    for later in (evaluated[2:4], evaluated[4:]):
         for a, b in zip(first, later):
             np.testing.assert_array_equal(a, b)  # ...and the same ones at every evaluation
 
