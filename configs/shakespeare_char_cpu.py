@@ -26,7 +26,7 @@ config = TrainConfig(
     # reach a lower val than AdamW on two corpora and two seeds (BENCHMARKS.md "Muon")
     optimizer="muon",
     muon_learning_rate=0.01,  # the best peak of the ones measured (BENCHMARKS.md "Muon")
-    muon_momentum=0.9,  # a shorter memory suits 768 tokens a step: lower val (BENCHMARKS.md)
+    muon_momentum=0.9,  # a shorter memory suits ~1,000 tokens a step: lower val (BENCHMARKS.md)
     normuon=True,  # NorMuon: lower val on both corpora and seeds (BENCHMARKS.md "third round")
     muon_preconditioning="aol",  # AOL's first step: 4 iterations do the work of 5 (optax)
     muon_ns_steps=4,
