@@ -107,6 +107,7 @@ def main():
                    help="torch.compile the model (default: on for cuda, off for cpu)")
     p.add_argument("--data_dir", help="default: data/shakespeare for --shape=gpt2, else data/shakespeare_char")
     p.add_argument("--batch_size", type=int, help="default: the shape's")
+    p.add_argument("--n_layer", type=int, help="default: the shape's")
     p.add_argument("--dropout", type=float, help="default: the shape's")
     p.add_argument("--max_iters", type=int, default=2000)
     p.add_argument("--eval_iters", type=int, default=20)
@@ -118,6 +119,7 @@ def main():
         p.error("--benchmark_steps and --warmup must be >= 0")
     n_layer, n_head, n_embd, block, batch, vocab, dropout, lr, min_lr, warmup, beta2 = SHAPES[args.shape]
     batch = args.batch_size or batch
+    n_layer = args.n_layer or n_layer
     dropout = dropout if args.dropout is None else args.dropout
     data_dir = args.data_dir or ("data/shakespeare" if args.shape == "gpt2" else "data/shakespeare_char")
     cuda = args.device == "cuda"

@@ -153,7 +153,7 @@ MUTANTS = [
      "if last_grad_norm is not None and last_grad_norm < 0:", TRAIN),
     ("train.grad_norm_of_updates", "train.py", "grad_norm = optax.tree_utils.tree_norm(grads)",
      "grad_norm = optax.tree_utils.tree_norm(updates)", TRAIN),
-    ("train.eval_iters_unused", "train.py", "batches = tqdm(range(config.eval_iters),", "batches = tqdm(range(200),", TRAIN),
+    ("train.eval_iters_unused", "train.py", "for i in range(config.eval_iters)]", "for i in range(200)]", TRAIN),
     ("train.keep_checkpoints_unused", "train.py", "manager, set_aside = checkpoints.open_checkpoints(rundir, config.keep_checkpoints)",
      "manager, set_aside = checkpoints.open_checkpoints(rundir, 3)", TRAIN),
     ("train.batch_seed_unused", "train.py", "train_batches = sampler(\"train\", config.seed, config.grad_accum)",
