@@ -68,7 +68,6 @@ def keep_freed_memory() -> None:
     7"). Linux with glibc only; elsewhere nothing changes."""
     if platform.libc_ver()[0] != "glibc":
         return
-
     libc = ctypes.CDLL(None)
     libc.mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)  # up to 32 MiB from the heap, not mmap
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # and the heap's freed top kept, up to 1 GiB

@@ -151,8 +151,8 @@ def eval_step(model, tokens, targets):
 
 def evaluate(model, samplers: dict, config: TrainConfig, to_global, show=False) -> dict[str, float]:
     """Mean loss over the same eval_iters batches of each split every time: comparable over a run.
-    One call per split: 40 calls of one batch each took 13% longer at shakespeare_char_cpu
-    (BENCHMARKS.md, "round 7"). show: a short progress bar, a split at a time."""
+    One call per split: a call per batch made five evaluations of shakespeare_char_cpu take 3.0 s
+    against 2.5 s (BENCHMARKS.md, "round 7"). show: a short progress bar, a split at a time."""
     losses = {}
     splits = tqdm(samplers.items(), desc="eval", unit="split", leave=False, file=sys.stdout,
                   disable=not show, **bar_width())
