@@ -209,7 +209,7 @@ MUTANTS = [
      "n_bytes += int(byte_lengths[inputs[targets >= 0]].sum())", EVALUATION),
     # cli.py
     ("cli.freed_heap_trimmed", "cli.py", "libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)",
-     "libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)", ["tests/test_memory.py"]),
+     "libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)", ["tests/test_cli.py"]),
 ]
 
 
