@@ -69,15 +69,15 @@ def screen(name: str, change: list[str], jobs: int, seeds=SEEDS) -> list[dict]:
     if not (REPO / CORPORA["stdlib"] / "meta.json").exists():
         make_stdlib_corpus(REPO / CORPORA["stdlib"])
     out = REPO / "runs" / "screen" / name / "results.json"
-    earlier = json.loads(out.read_text())["runs"] if out.exists() else []
-    if earlier and json.loads(out.read_text())["change"] != change:
+    earlier = json.loads(out.read_text()) if out.exists() else {"change": change, "runs": []}
+    if earlier["change"] != change:
         raise SystemExit(f"{out} was screened with another --change: give the new runs a new --name")
     runs = [(corpus, seed) for corpus in CORPORA for seed in seeds]
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(one_run, name, corpus, seed, change, i % jobs if jobs > 1 else None)
                    for i, (corpus, seed) in enumerate(runs)]
         new = [f.result() for f in futures]
-    results = [r for r in earlier if (r["corpus"], r["seed"]) not in runs] + new
+    results = [r for r in earlier["runs"] if (r["corpus"], r["seed"]) not in runs] + new
     out.write_text(json.dumps({"name": name, "change": change, "runs": results}, indent=1) + "\n")
     return results
 

@@ -84,4 +84,3 @@ def test_an_allocation_failure_mid_run_is_one_line_after_the_last_checkpoint(dat
     assert f"--rundir={rundir}" in message and "--batch_size=" in message
     assert checkpoints.checkpoint_manager(rundir).all_steps() == [2]
     assert (rundir / "checkpoints" / "2" / "checksums.json").exists()  # sealed: on disk
-
