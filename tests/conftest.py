@@ -19,10 +19,11 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "data" / "tiktoken"))
 # A no-op on CPU. Tests of the bf16 path state their own, looser, tolerance.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # The suite compiles far more than it runs: with LLVM's optimisations off each XLA:CPU compile
-# takes about half as long (BENCHMARKS.md, "The test suite's time"). Results can move by an ulp
-# or two against an optimised compile, and every comparison here runs both sides under the same
-# flag. Subprocesses inherit it; those given fake devices add to it (fake_devices).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# takes about half as long, and with XLA:CPU's older fusion emitters a quarter less again
+# (BENCHMARKS.md, "The test suite's time"). Results can move by an ulp or two against an
+# optimised compile, and every comparison here runs both sides under the same flags.
+# Subprocesses inherit them; those given fake devices add to them (fake_devices).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 
