@@ -67,8 +67,11 @@ def init_state(config: TrainConfig, abstract_params, abstract_opt, optimizer):
     return params, opt_state
 
 
-# Outputs up to this many elements are made by a program compiled with LLVM's optimisations off.
+# Outputs up to this many elements are made by a program compiled with LLVM's optimisations off,
+# and on a CPU by XLA's older fusion emitters: the same draws, bit for bit, compiled in half the time
+# (BENCHMARKS.md round 8, "The start").
 RUN_ONCE_UNOPTIMISED_UP_TO = 2**24
+UNOPTIMISED = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def run_once(fn, out_shardings, *args):
@@ -80,7 +83,7 @@ def run_once(fn, out_shardings, *args):
     lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
     elements = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(lowered.out_info))
     small = elements <= RUN_ONCE_UNOPTIMISED_UP_TO
-    return lowered.compile({"xla_backend_optimization_level": 0} if small else None)(*args)
+    return lowered.compile(UNOPTIMISED if small else None)(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +388,7 @@ def start_notes(config: TrainConfig, rundir: Path, meta: dict, set_aside: list, 
     if config.warmup_steps >= config.max_steps:  # a short try run: never refused for it
         notes.append(f"warmup_steps={config.warmup_steps} >= max_steps={config.max_steps}: the run "
                      f"ends inside the warmup, its last step at lr "
-                     f"{float(lr_schedule(config)(config.max_steps - 1)):.2e} of the peak "
+                     f"{float(jax.jit(lr_schedule(config))(config.max_steps - 1)):.2e} of the peak "
                      f"{config.learning_rate:.2e}")
     return notes
 
