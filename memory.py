@@ -5,7 +5,6 @@ says what to change instead of XLA's RESOURCE_EXHAUSTED traceback or the kernel'
 import contextlib
 import math
 import resource
-import warnings
 
 import jax
 
@@ -64,16 +63,12 @@ def check_state_fits(config: TrainConfig, abstract_params, abstract_opt) -> None
                         f"{free / GiB:.1f} GiB free: a smaller model, or FSDP over more devices")
 
 
-def check_step_fits(config: TrainConfig, train_step, args) -> None:
-    """Compiles the step for args (the call that follows reuses the program) and refuses it when
-    its buffers beyond the arguments already in memory cannot fit in a device's free memory.
-    A step wrapped in a plain function (no .lower) is not analysed: its first call compiles it."""
-    if not hasattr(train_step, "lower"):
+def check_step_fits(config: TrainConfig, compiled_step) -> None:
+    """Refuses the compiled step when its buffers beyond the arguments already in memory cannot
+    fit in a device's free memory. None (a step compiled by its first call) is not analysed."""
+    if compiled_step is None:
         return
-    with warnings.catch_warnings():  # as equinox's own call: the batch's buffers are not reused
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        compiled = train_step.lower(*args).compile()
-    analysis = getattr(compiled, "compiled", compiled).memory_analysis()
+    analysis = compiled_step.memory_analysis()
     free = free_bytes(jax.local_devices()[0])
     if analysis is None or free is None:
         return

@@ -7,12 +7,14 @@ directory (config.json, checkpoints, resume rules) checkpoints.py; `launch.py` i
 line on top of `train`.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -33,6 +35,10 @@ from config import TrainConfig, with_data_vocab
 from model import GPT, flops_per_token, loss_fn, num_params, with_picked_dtype
 from optim import loss_scale, loss_scale_metrics, lr_schedule, make_optimizer
 from sharding import abstract_model, batch_sharding, make_mesh, shardings_of, with_shardings
+
+# jax's note when a donated buffer has no output to alias: not a fault, and the step is compiled
+# on a second thread, where catching it for that one call would not be thread-safe
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
 def check_attention(config) -> None:
@@ -89,7 +95,6 @@ def run_once(fn, out_shardings, *args):
 # ---------------------------------------------------------------------------------------------
 # The step
 
-
 def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_opt, static):
     """train_step(params, opt_state, tokens, targets, step, key_data) -> (params, opt_state,
     metrics): the model's arrays in and out, its static half (static) closed over. jax.jit on
@@ -143,6 +148,29 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
         return params, opt_state, metrics
 
     return train_step
+
+
+@contextlib.contextmanager
+def compiling_ahead(config: TrainConfig, train_step, abstract, mesh):
+    """A future of train_step compiled for the arguments the loop will give it (shapes, dtypes,
+    shardings), before they exist; its first call then finds the program. Traced here, under this
+    thread's jax settings, and compiled by XLA on a second thread while the caller goes on: the
+    first step came 0.6-0.8 s sooner on 2 cores (BENCHMARKS.md round 8, "The start"). The future
+    holds None for a step wrapped in a plain function (no .lower): its first call compiles it."""
+    lowered = None
+    if hasattr(train_step, "lower"):
+        abstract_params, abstract_opt, _, _ = abstract
+        tokens = jax.ShapeDtypeStruct(
+            (config.grad_accum, config.batch_size, config.model.block_size), jnp.int32,
+            sharding=batch_sharding(mesh))
+        key_data = jax.eval_shape(lambda: jr.key_data(jr.key(0)))
+        step = jax.ShapeDtypeStruct((), jnp.int32)
+        lowered = train_step.lower(abstract_params, abstract_opt, tokens, tokens, step, key_data)
+    compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_step")
+    try:
+        yield compiler.submit(lambda: lowered and lowered.compile())
+    finally:  # a run refused before its first step does not wait for the compile
+        compiler.shutdown(wait=False, cancel_futures=True)
 
 
 @eqx.filter_jit
@@ -475,15 +503,16 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             stack.callback(manager.close)
             stack.callback(checkpoints.seal, manager)  # first: the last save on disk, checksummed
         stack.enter_context(memory.out_of_memory_while_training(config, rundir))
+        abstract_params, abstract_opt, static, optimizer = abstract
+        train_step = make_train_step(config, optimizer, abstract_params, abstract_opt, static)
+        compiled_step = stack.enter_context(compiling_ahead(config, train_step, abstract, mesh))
         params, opt_state, key_data, start, damaged = create_or_restore_state(
             config, abstract, manager, rundir, train_batches)
-        abstract_params, abstract_opt, static, optimizer = abstract
         if start >= config.max_steps:  # a finished run, started again: nothing to write
             if jax.process_index() == 0:
                 print(f"nothing to do: {rundir} is at step {start} of max_steps={config.max_steps} "
                       "(raise --max_steps to train on)", flush=True)
             return eqx.combine(params, static)
-        train_step = make_train_step(config, optimizer, abstract_params, abstract_opt, static)
         if stop_requested(start, manager) == "SIGINT":  # Ctrl-C while restoring: nothing to keep
             raise KeyboardInterrupt
         log, scalar, bar = stack.enter_context(run_outputs(config, rundir, meta, data_files, start,
@@ -493,7 +522,6 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             log(line)
         log(starting_line(config, rundir, params, mesh, start))
         batches = stack.enter_context(contextlib.closing(train_batches.prefetch()))
-
         step, last_saved, pending = start, (start or None), []  # pending: metrics still on device
         last_grad_norm = None  # of the last step read back, for the health check before a save
         # ms/step counts from step_timer over the steps since timed_from: compilation, profiling
@@ -526,8 +554,8 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
             # step: one optimizer step; its metrics stay on device until the next log line
             tokens, targets = map(to_global, next(batches))
             args = (params, opt_state, tokens, targets, np.int32(step), key_data)
-            if step == start:  # the step compiles: refused here if it cannot fit
-                memory.check_step_fits(config, train_step, args)
+            if step == start:  # refused here if the compiled step cannot fit
+                memory.check_step_fits(config, compiled_step.result())
             params, opt_state, metrics = train_step(*args)
             pending.append((step, metrics))
             step += 1
