@@ -160,6 +160,8 @@ MUTANTS = [
      "train_batches = sampler(\"train\", 1337, config.grad_accum)", TRAIN),
     ("train.init_seed_unused", "train.py", "params = run_once(make_params, shardings_of(abstract_params), jr.key(config.seed))",
      "params = run_once(make_params, shardings_of(abstract_params), jr.key(1337))", TRAIN),
+    ("train.compiled_ahead_for_other_arguments", "train.py", "step = jax.ShapeDtypeStruct((), jnp.int32)",
+     "step = jax.ShapeDtypeStruct((), jnp.float32)", TRAIN),
     ("train.log_interval_unused", "train.py", "if step % config.log_interval == 0 or step == config.max_steps:",
      "if step % 10 == 0 or step == config.max_steps:", TRAIN),
     # data.py
