@@ -267,6 +267,7 @@ def test_target_val_loss_stops_at_the_first_evaluation_that_reaches_it(data_dir,
     train.train(dataclasses.replace(config, target_val_loss=100.0), tmp_path / "reached")
     log = (tmp_path / "reached" / "log.txt").read_text()
     assert "step 3 | reached val" in log and "<= target_val_loss=100.0 after" in log, log
+    assert "compilation and 1 evaluation's" in log, log  # its one evaluation, at step 3
     assert "step 4 |" not in log and "step 6 | eval" not in log, log
     manager = checkpoints.checkpoint_manager(tmp_path / "reached")
     assert manager.all_steps() == [3]  # the step that reached it is saved
