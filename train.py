@@ -14,6 +14,7 @@ import functools
 import math
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -151,25 +152,39 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
 
 
 @contextlib.contextmanager
-def compiling_ahead(config: TrainConfig, train_step, abstract, mesh):
+def compiling_ahead(config: TrainConfig, train_step, abstract, mesh, manager=None):
     """A future of train_step compiled for the arguments the loop will give it (shapes, dtypes,
     shardings), before they exist; its first call then finds the program. Traced here, under this
     thread's jax settings, and compiled by XLA on a second thread while the caller goes on: the
-    first step came 0.6-0.8 s sooner on 2 cores (BENCHMARKS.md round 8, "The start"). The future
-    holds None for a step wrapped in a plain function (no .lower): its first call compiles it."""
-    lowered = None
-    if hasattr(train_step, "lower"):
+    first step came 0.6-0.8 s sooner on 2 cores (BENCHMARKS.md round 8, "The start"). A run whose
+    newest checkpoint is at max_steps is compiled when the result is first asked for (a damaged
+    checkpoint can set it back), so a run with nothing to do does not wait at exit for a compile it
+    never uses. The result is None for a step wrapped in a plain function (no .lower): its first
+    call compiles it."""
+    finished = manager is not None and (manager.latest_step() or 0) >= config.max_steps
+
+    def lower_step():
+        if not hasattr(train_step, "lower"):
+            return None
         abstract_params, abstract_opt, _, _ = abstract
         tokens = jax.ShapeDtypeStruct(
             (config.grad_accum, config.batch_size, config.model.block_size), jnp.int32,
             sharding=batch_sharding(mesh))
         key_data = jax.eval_shape(lambda: jr.key_data(jr.key(0)))
         step = jax.ShapeDtypeStruct((), jnp.int32)
-        lowered = train_step.lower(abstract_params, abstract_opt, tokens, tokens, step, key_data)
+        return train_step.lower(abstract_params, abstract_opt, tokens, tokens, step, key_data)
+
+    def compile_lowered(lowered):
+        return lowered and lowered.compile()
+
+    if finished:
+        yield types.SimpleNamespace(result=lambda: compile_lowered(lower_step()))
+        return
+    lowered = lower_step()
     compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_step")
     try:
-        yield compiler.submit(lambda: lowered and lowered.compile())
-    finally:  # a run refused before its first step does not wait for the compile
+        yield compiler.submit(compile_lowered, lowered)
+    finally:  # the caller goes on; the interpreter's exit still waits for a compile under way
         compiler.shutdown(wait=False, cancel_futures=True)
 
 
@@ -506,7 +521,7 @@ def train(config: TrainConfig, rundir, *, debug: bool = False) -> GPT:
         stack.enter_context(memory.out_of_memory_while_training(config, rundir))
         abstract_params, abstract_opt, static, optimizer = abstract
         train_step = make_train_step(config, optimizer, abstract_params, abstract_opt, static)
-        compiled_step = stack.enter_context(compiling_ahead(config, train_step, abstract, mesh))
+        compiled_step = stack.enter_context(compiling_ahead(config, train_step, abstract, mesh, manager))
         params, opt_state, key_data, start, damaged = create_or_restore_state(
             config, abstract, manager, rundir, train_batches)
         if start >= config.max_steps:  # a finished run, started again: nothing to write

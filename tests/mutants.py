@@ -162,6 +162,7 @@ MUTANTS = [
      "params = run_once(make_params, shardings_of(abstract_params), jr.key(1337))", TRAIN),
     ("train.compiled_ahead_for_other_arguments", "train.py", "step = jax.ShapeDtypeStruct((), jnp.int32)",
      "step = jax.ShapeDtypeStruct((), jnp.float32)", TRAIN),
+    ("train.finished_run_compiled_ahead", "train.py", "if finished:", "if False:", TRAIN),
     ("train.log_interval_unused", "train.py", "if step % config.log_interval == 0 or step == config.max_steps:",
      "if step % 10 == 0 or step == config.max_steps:", TRAIN),
     # data.py

@@ -149,6 +149,24 @@ def test_flipped_bytes_are_found_by_every_reader_and_set_aside_by_training(data_
     assert f"checkpoint 4 set aside to {aside}" in log
 
 
+def test_a_finished_run_started_again_compiles_no_step_unless_set_back(data_dir, small_run,
+                                                                      tmp_path, caplog):
+    rundir = copy_of(small_run, tmp_path)
+
+    def step_compiles():
+        caplog.clear()
+        jax.clear_caches()  # a step compiled by an earlier run in this process would not be logged
+        with jax.log_compiles(True), caplog.at_level("WARNING"):
+            train.train(tiny_config(data_dir, max_steps=4, eval_interval=2), rundir)
+        return sum(r.message.startswith("Compiling jit(train_step)") for r in caplog.records)
+
+    # nothing to do: no compile ahead (its thread would hold the process's exit until it ended)
+    assert step_compiles() == 0
+    flip_bytes(a_weight_file(rundir, 4))
+    assert step_compiles() == 1  # set back to step 2 by the damaged 4: compiled when first asked
+    assert "resuming from the newest intact checkpoint, step 2" in (rundir / "log.txt").read_text()
+
+
 def test_a_checkpoint_rotated_away_while_loading_is_not_called_damaged(small_run, tmp_path,
                                                                        monkeypatch):
     rundir = copy_of(small_run, tmp_path)
