@@ -225,6 +225,9 @@ def pytest(copy: Path, files: list[str]) -> tuple[bool, str, str]:
     done = subprocess.run(command, cwd=copy, capture_output=True, text=True,
                           env={**os.environ, "EQXGPT_SHARED": shared})
     lines = done.stdout.strip().splitlines()
+    if done.returncode in (4, 5):  # pytest's usage error, no test collected: no verdict at all
+        raise SystemExit(f"pytest ran no test of {' '.join(files)} (exit {done.returncode}): "
+                         f"{(lines or [done.stderr.strip()])[-1]}; check the test ids")
     failed = next((line.split()[1] for line in lines if line.startswith(("FAILED ", "ERROR "))), "")
     return done.returncode != 0, (lines or [""])[-1], failed
 

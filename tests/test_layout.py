@@ -1,10 +1,13 @@
 """The house rules a test can check: no import circle among the modules (not even through an
 import inside a function), no script importing another script, train() short enough to read in
-one sitting, and every mutant of tests/mutants.py still plantable in the code it names."""
+one sitting, and every mutant of tests/mutants.py still plantable in the code it names (and never
+counted killed by a test id that names nothing)."""
 
 import ast
 import inspect
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {path.stem: path for path in REPO.glob("*.py")}
@@ -67,3 +70,11 @@ def test_every_mutant_of_tests_mutants_py_can_still_be_planted():
         assert count == 1, f"{name}: its snippet occurs {count} times in {file}"
         assert mutated != snippet, name
         assert all((REPO / path).exists() for path in covering), name
+
+
+def test_a_mutant_checked_against_a_test_id_that_names_nothing_is_no_kill():
+    # pytest exits non-zero when it collects nothing: counted as a failure, a typo killed every mutant
+    import mutants
+
+    with pytest.raises(SystemExit, match="pytest ran no test of tests/test_layout.py::no_such_test"):
+        mutants.pytest(REPO, ["tests/test_layout.py::no_such_test"])
