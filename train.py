@@ -475,10 +475,10 @@ def check_data_unchanged(config: TrainConfig, data_files: dict, step: int, last_
 def reached_line(step: int, val: float, config: TrainConfig, seconds: float,
                  compile_seconds: float, evaluations: int, eval_seconds: float) -> str:
     """The last line of a run that reached target_val_loss: its training time, what is not in it."""
-    evaluations_ = "1 evaluation's" if evaluations == 1 else f"{evaluations} evaluations'"
+    counted = "1 evaluation's" if evaluations == 1 else f"{evaluations} evaluations'"
     return (f"step {step} | reached val {val:.4f} <= target_val_loss={config.target_val_loss} "
             f"after {seconds:.1f}s of training (the first step's {compile_seconds:.1f}s with "
-            f"compilation and {evaluations_} {eval_seconds:.1f}s not counted); stopping")
+            f"compilation and {counted} {eval_seconds:.1f}s not counted); stopping")
 
 
 def stopped_line(how: str, step: int, rundir: Path, manager) -> str:
