@@ -10,6 +10,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -132,20 +133,23 @@ def test_the_loss_counts_only_targets_that_are_not_ignored():
     targets = jr.randint(jr.key(2), (4, 8), 0, 12)
     counted = jnp.arange(8) >= 5
     masked = jnp.where(counted, targets, data.IGNORE)
-    logits = jax.vmap(model)(tokens)
-    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    # jitted: eagerly, each of the model's operations compiles on its own (15 s against 3)
+    per_token = eqx.filter_jit(lambda m: optax.softmax_cross_entropy_with_integer_labels(
+        jax.vmap(m)(tokens), targets))(model)
     expected = per_token[:, 5:].mean()
-    np.testing.assert_allclose(loss_fn(model, tokens, masked), expected, rtol=1e-5)
+    loss = eqx.filter_jit(loss_fn)
+    np.testing.assert_allclose(loss(model, tokens, masked), expected, rtol=1e-5)
     # with every target counted, it is the plain mean
-    np.testing.assert_allclose(loss_fn(model, tokens, targets), per_token.mean(), rtol=1e-5)
+    np.testing.assert_allclose(loss(model, tokens, targets), per_token.mean(), rtol=1e-5)
     # and the gradient is that of the counted positions' mean alone
     def counted_only(m):
         ce = optax.softmax_cross_entropy_with_integer_labels(jax.vmap(m)(tokens), targets)
         return ce[:, 5:].mean()
 
-    grads = jax.grad(lambda m: loss_fn(m, tokens, masked))(model)
-    np.testing.assert_allclose(grads.embed, jax.grad(counted_only)(model).embed, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(grads.blocks.mlp.fc.weight, jax.grad(counted_only)(model).blocks.mlp.fc.weight,
+    grads = eqx.filter_jit(jax.grad(lambda m: loss_fn(m, tokens, masked)))(model)
+    expected_grads = eqx.filter_jit(jax.grad(counted_only))(model)
+    np.testing.assert_allclose(grads.embed, expected_grads.embed, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(grads.blocks.mlp.fc.weight, expected_grads.blocks.mlp.fc.weight,
                                rtol=1e-4, atol=1e-7)
 
 
@@ -157,7 +161,7 @@ def naive_greedy(model: GPT, prompt: np.ndarray, new_tokens: int) -> list[int]:
     """Greedy continuation by the full forward over the whole sequence for every token."""
     tokens = list(prompt)
     for _ in range(new_tokens):
-        tokens.append(int(jnp.argmax(model(jnp.asarray(tokens))[-1])))
+        tokens.append(int(jnp.argmax(eqx.filter_jit(GPT.__call__)(model, jnp.asarray(tokens))[-1])))
     return tokens[len(prompt):]
 
 
