@@ -307,7 +307,7 @@ def test_tiny_model_overfits_one_batch():
         updates, opt_state = optimizer.update(grads, opt_state)
         return eqx.apply_updates(model, updates), opt_state, loss
 
-    for _ in range(300):
+    for _ in range(100):  # below 0.1 by step 50, 0.027 at 100 (2026-12-07)
         model, opt_state, loss = step(model, opt_state)
     assert float(loss) < 0.1
 
