@@ -336,7 +336,9 @@ SHARD_FIX = "download it again (README.md, FineWeb shards)"
 
 
 def is_glob(data_dir) -> bool:
-    return any(c in str(data_dir) for c in "*?[")
+    """A pattern to expand: wildcards in a name that is not there (a folder named run[1] is a
+    folder)."""
+    return any(c in str(data_dir) for c in "*?[") and not Path(data_dir).exists()
 
 
 def is_shards(data_dir) -> bool:

@@ -148,6 +148,16 @@ def test_a_glob_names_the_same_shards_as_their_folder(shard_dir):
     assert data.file_stamps(f"{shard_dir}/fineweb_*.bin") == data.file_stamps(shard_dir)
 
 
+def test_a_folder_whose_name_holds_wildcard_characters_is_that_folder(shard_dir, bin_dir, tmp_path):
+    shards = shutil.copytree(shard_dir, tmp_path / "fineweb[1]*")
+    prepared = shutil.copytree(bin_dir, tmp_path / "prepared[1]?")
+    by_name = data.load_meta(shards)["shards"]
+    assert by_name == {split: [[str(shards / Path(path).name), n] for path, n in listed]
+                       for split, listed in data.load_meta(shard_dir)["shards"].items()}
+    assert not data.is_shards(prepared)
+    assert data.load_meta(prepared)["train_tokens"] == data.load_meta(bin_dir)["train_tokens"]
+
+
 def test_config_fineweb_is_gpt2_124m_on_half_a_million_tokens_a_step(shard_dir, monkeypatch):
     config = load_config("fineweb", TrainConfig)
     assert config.data_dir == "data/fineweb10B" and config.tokens_per_step == 524_288
