@@ -2,7 +2,7 @@
 the fast suite (`pytest -m "not slow"`) as the oracle. A mutant the suite lets through names a
 test that is missing, unless it computes the same as the code (an equivalent mutant).
 
-    python tests/mutants.py                  # every mutant; writes tests/mutants.md
+    python tests/mutants.py                  # every mutant; writes its table to tests/mutants.md
     python tests/mutants.py --only sharding  # the mutants whose name starts with "sharding"
     python tests/mutants.py --list
     python tests/mutants.py --only optim.beta --tests tests/test_settings.py  # these files only
@@ -11,6 +11,8 @@ Each mutant replaces one exact snippet of one file (it must occur once). It firs
 files that cover that file, stopping at the first failure; a mutant they let through then runs
 the whole fast suite. --tests names the test files (or test ids) to run instead, with no
 fallback to the whole suite (2 shared cores: a mutant checked against the tests aimed at it).
+A run of some mutants (--only, --tests) prints its results and writes a table only to --out:
+tests/mutants.md keeps the last full pass.
 Not part of the suite itself: it takes a long time.
 """
 
@@ -252,13 +254,17 @@ def run_mutant(name, file, snippet, mutated, files, tests=None) -> dict:
                 "test": failed, "last": last, "seconds": round(time.time() - start)}
 
 
+RESULTS = REPO / "tests" / "mutants.md"  # the last full pass's table
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="run the mutants whose name starts with this")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--tests", nargs="+", help="run these test files or ids, not the covering "
                         "files then the whole fast suite")
-    parser.add_argument("--out", default=str(REPO / "tests" / "mutants.md"))
+    parser.add_argument("--out", help="where the table goes (default: tests/mutants.md for a "
+                        "run of every mutant; a run of some writes none)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if m[0].startswith(args.only)]
     if args.list:
@@ -276,7 +282,9 @@ def main(argv):
              "|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['result']} | {r.get('by', '')} | {r.get('test', '')} | "
               f"{r.get('last', '')} |" for r in rows]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = args.out or (None if args.only or args.tests else RESULTS)
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
     survived = [r["name"] for r in rows if r["result"] == "SURVIVED"]
     print(f"{len(rows)} planted, {len(rows) - len(survived)} killed, {len(survived)} survived: "
           f"{', '.join(survived) or 'none'}")

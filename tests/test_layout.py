@@ -78,3 +78,20 @@ def test_a_mutant_checked_against_a_test_id_that_names_nothing_is_no_kill():
 
     with pytest.raises(SystemExit, match="pytest ran no test of tests/test_layout.py::no_such_test"):
         mutants.pytest(REPO, ["tests/test_layout.py::no_such_test"])
+
+
+def test_a_run_of_some_mutants_leaves_tests_mutants_md_as_it_was(monkeypatch, tmp_path):
+    # one mutant checked against one test once overwrote the last full pass's table with its row
+    import mutants
+
+    monkeypatch.setattr(mutants, "RESULTS", tmp_path / "mutants.md")
+    mutants.RESULTS.write_text("the last full pass")
+    monkeypatch.setattr(mutants, "run_mutant", lambda name, *mutant, tests: {
+        "name": name, "result": "killed", "by": "a test"})
+    mutants.main(["--only", "model.loss_counts_ignored", "--tests", "tests/test_model.py"])
+    mutants.main(["--only", "model.loss_counts_ignored"])
+    assert mutants.RESULTS.read_text() == "the last full pass"
+    mutants.main(["--only", "model.loss_counts_ignored", "--out", str(tmp_path / "some.md")])
+    assert "| model.loss_counts_ignored | killed | a test |" in (tmp_path / "some.md").read_text()
+    mutants.main([])  # every mutant: the table is the last full pass
+    assert mutants.RESULTS.read_text().count("| killed | a test |") == len(mutants.MUTANTS)
