@@ -157,11 +157,14 @@ def test_the_loss_counts_only_targets_that_are_not_ignored():
 # Exact match by greedy KV-cache decoding
 
 
+logits_of = eqx.filter_jit(GPT.__call__)  # jitted: eagerly, every operation compiles on its own
+
+
 def naive_greedy(model: GPT, prompt: np.ndarray, new_tokens: int) -> list[int]:
     """Greedy continuation by the full forward over the whole sequence for every token."""
     tokens = list(prompt)
     for _ in range(new_tokens):
-        tokens.append(int(jnp.argmax(eqx.filter_jit(GPT.__call__)(model, jnp.asarray(tokens))[-1])))
+        tokens.append(int(jnp.argmax(logits_of(model, jnp.asarray(tokens))[-1])))
     return tokens[len(prompt):]
 
 
