@@ -76,10 +76,10 @@ def test_loss_scaling_lets_float16_follow_float32_where_unscaled_float16_does_no
                                                                                  monkeypatch):
     loss_fn = train.loss_fn
     monkeypatch.setattr(train, "loss_fn", lambda *args, **kw: SMALL * loss_fn(*args, **kw))
-    config = tiny_config(data_dir, optimizer="adamw", max_steps=100)
+    config = tiny_config(data_dir, optimizer="adamw", max_steps=50)
     runs = {"float32": in_dtype(config, "float32"),
             "float16, scaled": in_dtype(config, "float16"),  # from 2**16, the default
-            # a scale of 1 that never grows in 100 steps: float16 without loss scaling
+            # a scale of 1 that never grows in 50 steps: float16 without loss scaling
             "float16, unscaled": in_dtype(config, "float16", loss_scale_init=1.0)}
     metrics = {name: step_metrics(run_config, data_dir) for name, run_config in runs.items()}
     # the step unscales what it hands the optimizer: float16's first gradient is float32's, to
@@ -95,8 +95,9 @@ def test_loss_scaling_lets_float16_follow_float32_where_unscaled_float16_does_no
     shown = ", ".join(f"{name} {loss:.4f}" for name, loss in final.items())
     # float16's 11-bit mantissa: the scaled run stays within 0.05 of float32's (measured: 2e-5)
     assert abs(final["float16, scaled"] - final["float32"]) < 0.05, shown
-    # the unscaled run's gradients flush to zero: it learns far less (measured: 1.1 higher)
-    assert final["float16, unscaled"] - final["float32"] > 0.5, shown
+    # the unscaled run's gradients flush to zero: it learns far less (measured: 0.59 higher at
+    # step 50, 1.07 at step 100)
+    assert final["float16, unscaled"] - final["float32"] > 0.3, shown
     assert final["float32"] < float(metrics["float32"][0]["loss"]) / SMALL - 1, shown  # it learns
 
 
