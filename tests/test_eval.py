@@ -46,9 +46,13 @@ def bpe_dir(tmp_path_factory, shakespeare_input) -> Path:
 
 @pytest.fixture(scope="module")
 def char_dir(tmp_path_factory, shakespeare_input) -> Path:
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    prepare_shakespeare.main(["--input", str(shakespeare_input), "--out_dir", str(out)])
-    return out
+    """The first 100,000 characters at character level: a val split of 10,000 tokens. Scoring
+    all 111,540 of the whole play's, three times, made the test 14.5 s instead of 8.2 (AVX2 VM)."""
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "start.txt").write_text(shakespeare_input.read_text()[:100_000])
+    prepare_shakespeare.main(["--input", str(folder / "start.txt"), "--out_dir",
+                              str(folder / "shakespeare_char")])
+    return folder / "shakespeare_char"
 
 
 def small_model(vocab=50, block=8) -> GPT:
