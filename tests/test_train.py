@@ -29,6 +29,7 @@ import pytest
 import checkpoints
 import data
 import cli
+import launch
 import optim
 import sharding
 import train
@@ -360,22 +361,28 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data_dir, 
 
 
 @pytest.mark.slow
-def test_bad_inputs_give_one_line_and_exit_2(data_dir, tmp_path):
-    launch_py = REPO / "launch.py"
-    assert_one_line_error(run([launch_py, "--config=nope"]), "no config file", "shakespeare_char")
-    assert_one_line_error(launch_run(data_dir, tmp_path / "a", "--no_such_key=1", check=False),
-                          "no_such_key")
-    assert_one_line_error(launch_run(data_dir, tmp_path / "a", "--max_steps=ten", check=False),
-                          "max_steps", "int")
-    assert_one_line_error(launch_run(data_dir, tmp_path / "a", "--model.n_head=5", check=False),
-                          "n_head")
-    missing = tmp_path / "nowhere" / "shakespeare_char"
-    assert_one_line_error(launch_run(missing, tmp_path / "a", check=False),
-                          "prepare_shakespeare.py")
-    assert_one_line_error(launch_run(data_dir, tmp_path / "a", "--model.block_size=2000000",
-                                     check=False), "block_size")
-    assert_one_line_error(launch_run(data_dir, tmp_path / "a", "--model.vocab_size=10",
-                                     check=False), "vocab_size")
+def test_bad_inputs_give_one_line_and_exit_2(data_dir, tmp_path, capsys):
+    # one as a process (its exit code and stderr), the rest as run_cli runs launch.main in it:
+    # a process each cost ~3 s of imports
+    assert_one_line_error(run([REPO / "launch.py", "--config=nope"]), "no config file",
+                          "shakespeare_char")
+
+    def refused(data_dir, *overrides_then_words):
+        overrides = [o for o in overrides_then_words if o.startswith("--")]
+        words = [w for w in overrides_then_words if not w.startswith("--")]
+        with pytest.raises(SystemExit) as exit_:
+            cli.run_cli(lambda: launch.main([
+                "--config=shakespeare_char_cpu", f"--data_dir={data_dir}",
+                f"--rundir={tmp_path / 'a'}", *TINY_OVERRIDES, *overrides]))
+        assert_one_line_error(subprocess.CompletedProcess([], exit_.value.code, "",
+                                                          capsys.readouterr().err), *words)
+
+    refused(data_dir, "--no_such_key=1", "no_such_key")
+    refused(data_dir, "--max_steps=ten", "max_steps", "int")
+    refused(data_dir, "--model.n_head=5", "n_head")
+    refused(tmp_path / "nowhere" / "shakespeare_char", "prepare_shakespeare.py")
+    refused(data_dir, "--model.block_size=2000000", "block_size")
+    refused(data_dir, "--model.vocab_size=10", "vocab_size")
     assert not (tmp_path / "a").exists()  # nothing was written for refused runs
 
 
