@@ -66,6 +66,16 @@ def launch_run(data_dir, rundir, *overrides, check=True, env=None):
     return run(args, env=env, check=check)
 
 
+def launch_refused(capsys, data_dir, rundir, *overrides) -> subprocess.CompletedProcess:
+    """launch_run's refusal as run_cli gives it, in this process: its exit code and stderr (a
+    process each cost ~3 s of imports; every test of bad input keeps one real process)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli(lambda: launch.main([
+            "--config=shakespeare_char_cpu", f"--data_dir={data_dir}", f"--rundir={rundir}",
+            *TINY_OVERRIDES, *overrides]))
+    return subprocess.CompletedProcess([], exit_.value.code, "", capsys.readouterr().err)
+
+
 def tiny_config(data_dir, **changes) -> TrainConfig:
     """The tiny config on data_dir, its vocabulary the data's as train.train resolves it."""
     config = cli.apply_overrides(cli.load_config("shakespeare_char_cpu", TrainConfig),
@@ -362,27 +372,15 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data_dir, 
 
 @pytest.mark.slow
 def test_bad_inputs_give_one_line_and_exit_2(data_dir, tmp_path, capsys):
-    # one as a process (its exit code and stderr), the rest as run_cli runs launch.main in it:
-    # a process each cost ~3 s of imports
     assert_one_line_error(run([REPO / "launch.py", "--config=nope"]), "no config file",
                           "shakespeare_char")
-
-    def refused(data_dir, *overrides_then_words):
-        overrides = [o for o in overrides_then_words if o.startswith("--")]
-        words = [w for w in overrides_then_words if not w.startswith("--")]
-        with pytest.raises(SystemExit) as exit_:
-            cli.run_cli(lambda: launch.main([
-                "--config=shakespeare_char_cpu", f"--data_dir={data_dir}",
-                f"--rundir={tmp_path / 'a'}", *TINY_OVERRIDES, *overrides]))
-        assert_one_line_error(subprocess.CompletedProcess([], exit_.value.code, "",
-                                                          capsys.readouterr().err), *words)
-
-    refused(data_dir, "--no_such_key=1", "no_such_key")
-    refused(data_dir, "--max_steps=ten", "max_steps", "int")
-    refused(data_dir, "--model.n_head=5", "n_head")
-    refused(tmp_path / "nowhere" / "shakespeare_char", "prepare_shakespeare.py")
-    refused(data_dir, "--model.block_size=2000000", "block_size")
-    refused(data_dir, "--model.vocab_size=10", "vocab_size")
+    refused = lambda data_dir, *overrides: launch_refused(capsys, data_dir, tmp_path / "a", *overrides)  # noqa: E731
+    assert_one_line_error(refused(data_dir, "--no_such_key=1"), "no_such_key")
+    assert_one_line_error(refused(data_dir, "--max_steps=ten"), "max_steps", "int")
+    assert_one_line_error(refused(data_dir, "--model.n_head=5"), "n_head")
+    assert_one_line_error(refused(tmp_path / "nowhere" / "shakespeare_char"), "prepare_shakespeare.py")
+    assert_one_line_error(refused(data_dir, "--model.block_size=2000000"), "block_size")
+    assert_one_line_error(refused(data_dir, "--model.vocab_size=10"), "vocab_size")
     assert not (tmp_path / "a").exists()  # nothing was written for refused runs
 
 
@@ -394,12 +392,13 @@ def test_batch_that_does_not_divide_over_devices_is_refused(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_other_model_in_rundir_and_corrupt_checkpoint_are_refused_and_kept(data_dir, tmp_path):
+def test_other_model_in_rundir_and_corrupt_checkpoint_are_refused_and_kept(data_dir, tmp_path,
+                                                                          capsys):
     rundir = tmp_path / "run"
     launch_run(data_dir, rundir, "--max_steps=2", "--eval_interval=2")
     snapshot = files_in(rundir)
 
-    result = launch_run(data_dir, rundir, "--max_steps=4", "--model.n_layer=3", check=False)
+    result = launch_refused(capsys, data_dir, rundir, "--max_steps=4", "--model.n_layer=3")
     assert_one_line_error(result, "different model", "n_layer")
     assert files_in(rundir) == snapshot
 
@@ -407,7 +406,7 @@ def test_other_model_in_rundir_and_corrupt_checkpoint_are_refused_and_kept(data_
         if path.is_file() and path.suffix not in (".json",) and path.stat().st_size > 0:
             path.write_bytes(b"\0garbage" * 4)
     corrupted = files_in(rundir)
-    result = launch_run(data_dir, rundir, "--max_steps=4", check=False)
+    result = launch_run(data_dir, rundir, "--max_steps=4", check=False)  # a process, as a user's
     assert_one_line_error(result, "cannot be read")
     assert files_in(rundir) == corrupted
 
