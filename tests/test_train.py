@@ -36,6 +36,7 @@ import train
 from config import TrainConfig, with_data_vocab
 from conftest import fake_devices
 from model import GPT, flops_per_token
+from test_bad_input import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to compile and run in seconds; float32 so runs on different meshes agree closely.
@@ -60,20 +61,14 @@ def run(args, env=None, check=False) -> subprocess.CompletedProcess:
     return result
 
 
+def launch_argv(data_dir, rundir, *overrides) -> list[str]:
+    return ["--config=shakespeare_char_cpu", f"--data_dir={data_dir}", f"--rundir={rundir}",
+            *TINY_OVERRIDES, *overrides]
+
+
 def launch_run(data_dir, rundir, *overrides, check=True, env=None):
-    args = [REPO / "launch.py", "--config=shakespeare_char_cpu", f"--data_dir={data_dir}",
-            f"--rundir={rundir}", *TINY_OVERRIDES, *overrides]
-    return run(args, env=env, check=check)
-
-
-def launch_refused(capsys, data_dir, rundir, *overrides) -> subprocess.CompletedProcess:
-    """launch_run's refusal as run_cli gives it, in this process: its exit code and stderr (a
-    process each cost ~3 s of imports; every test of bad input keeps one real process)."""
-    with pytest.raises(SystemExit) as exit_:
-        cli.run_cli(lambda: launch.main([
-            "--config=shakespeare_char_cpu", f"--data_dir={data_dir}", f"--rundir={rundir}",
-            *TINY_OVERRIDES, *overrides]))
-    return subprocess.CompletedProcess([], exit_.value.code, "", capsys.readouterr().err)
+    return run([REPO / "launch.py", *launch_argv(data_dir, rundir, *overrides)], env=env,
+               check=check)
 
 
 def tiny_config(data_dir, **changes) -> TrainConfig:
@@ -374,13 +369,17 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data_dir, 
 def test_bad_inputs_give_one_line_and_exit_2(data_dir, tmp_path, capsys):
     assert_one_line_error(run([REPO / "launch.py", "--config=nope"]), "no config file",
                           "shakespeare_char")
-    refused = lambda data_dir, *overrides: launch_refused(capsys, data_dir, tmp_path / "a", *overrides)  # noqa: E731
-    assert_one_line_error(refused(data_dir, "--no_such_key=1"), "no_such_key")
-    assert_one_line_error(refused(data_dir, "--max_steps=ten"), "max_steps", "int")
-    assert_one_line_error(refused(data_dir, "--model.n_head=5"), "n_head")
-    assert_one_line_error(refused(tmp_path / "nowhere" / "shakespeare_char"), "prepare_shakespeare.py")
-    assert_one_line_error(refused(data_dir, "--model.block_size=2000000"), "block_size")
-    assert_one_line_error(refused(data_dir, "--model.vocab_size=10"), "vocab_size")
+    # The rest in this process, as run_cli gives them (a process costs ~3 s of imports).
+    def refused(data_dir, overrides, *words):
+        argv = launch_argv(data_dir, tmp_path / "a", *overrides)
+        one_line_error(lambda: launch.main(argv), capsys, *words)
+
+    refused(data_dir, ["--no_such_key=1"], "no_such_key")
+    refused(data_dir, ["--max_steps=ten"], "max_steps", "int")
+    refused(data_dir, ["--model.n_head=5"], "n_head")
+    refused(tmp_path / "nowhere" / "shakespeare_char", [], "prepare_shakespeare.py")
+    refused(data_dir, ["--model.block_size=2000000"], "block_size")
+    refused(data_dir, ["--model.vocab_size=10"], "vocab_size")
     assert not (tmp_path / "a").exists()  # nothing was written for refused runs
 
 
@@ -398,8 +397,8 @@ def test_other_model_in_rundir_and_corrupt_checkpoint_are_refused_and_kept(data_
     launch_run(data_dir, rundir, "--max_steps=2", "--eval_interval=2")
     snapshot = files_in(rundir)
 
-    result = launch_refused(capsys, data_dir, rundir, "--max_steps=4", "--model.n_layer=3")
-    assert_one_line_error(result, "different model", "n_layer")
+    argv = launch_argv(data_dir, rundir, "--max_steps=4", "--model.n_layer=3")
+    one_line_error(lambda: launch.main(argv), capsys, "different model", "n_layer")
     assert files_in(rundir) == snapshot
 
     for path in (rundir / "checkpoints" / "2").rglob("*"):  # scribble over every array file
