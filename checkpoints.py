@@ -126,8 +126,9 @@ REFUSED_ON_RESUME = {
     "optimizer": "the checkpoint holds the state of the optimizer it was trained with",
     "loss_scale_init": "the checkpoint carries the loss scale it reached",
 }
-# ... and the model, except how the same function is computed (not what it computes).
-MODEL_MAY_CHANGE_ON_RESUME = ("attention", "remat", "unroll_layers")
+# ... and the model, except how the same function is computed (not what it computes): its
+# precision too, between bfloat16 and float32 (float16's optimizer state adds a loss scale).
+MODEL_MAY_CHANGE_ON_RESUME = ("attention", "remat", "unroll_layers", "compute_dtype")
 
 
 def check_rundir(config: TrainConfig, rundir: Path, meta: dict | None = None,
@@ -181,6 +182,12 @@ def check_rundir(config: TrainConfig, rundir: Path, meta: dict | None = None,
             raise UserError(f"{rundir} was trained with {name}={changes[name][0]!r}, and "
                             f"{name}={changes[name][1]!r} cannot take effect on resume ({why}): "
                             f"keep {name}, or start a new --rundir")
+    was, now = changes.get("model.compute_dtype", (None, None))
+    if "float16" in (was, now):
+        raise UserError(f"{rundir} was trained with model.compute_dtype={was!r}, and {now!r} "
+                        "cannot take effect on resume (only float16's optimizer state carries a "
+                        f"loss scale): resume with --model.compute_dtype={was}, or start a new "
+                        "--rundir")
     return changes
 
 

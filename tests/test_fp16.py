@@ -273,10 +273,23 @@ def test_bench_times_the_dtype_auto_picks(data_dir, capsys):
     assert "compute_dtype=auto: bfloat16" in out and "| compute bfloat16 |" in out, out
 
 
-def test_a_resume_cannot_change_the_loss_scale_the_checkpoint_carries(data_dir, tmp_path):
+def test_a_resume_may_trade_float32_for_bfloat16_but_not_change_what_float16_carries(data_dir,
+                                                                                     tmp_path):
     rundir = tmp_path / "run"
-    train.train(tiny_config(data_dir, max_steps=2, eval_interval=2), rundir)
+    train.train(tiny_config(data_dir, max_steps=2, eval_interval=2), rundir)  # float32
     with pytest.raises(UserError, match="loss_scale_init=65536.0, and loss_scale_init=1024.0 "
                                         "cannot take effect on resume"):
         train.train(tiny_config(data_dir, max_steps=4, eval_interval=2, loss_scale_init=1024.0),
                     rundir)
+    # the same optimizer state in another precision: it resumes, and the change is on record
+    train.train(in_dtype(tiny_config(data_dir, max_steps=4, eval_interval=2), "bfloat16"), rundir)
+    assert "model.compute_dtype 'float32' -> 'bfloat16'" in (rundir / "log.txt").read_text()
+    history = json.loads((rundir / "config.json").read_text())["history"]
+    assert history[-1]["changes"]["model.compute_dtype"] == ["float32", "bfloat16"], history
+    # float16's optimizer state carries a loss scale the checkpoint has not: refused, kept
+    kept = {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="compute_dtype='bfloat16', and 'float16' cannot take "
+                                        "effect on resume"):
+        train.train(in_dtype(tiny_config(data_dir, max_steps=6, eval_interval=2), "float16"),
+                    rundir)
+    assert {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()} == kept

@@ -555,9 +555,14 @@ def test_a_resume_may_change_how_the_model_is_computed_not_what(data_dir, tmp_pa
     config = tiny_config(data_dir)
     checkpoints.write_json_atomic(tmp_path / "config.json", {"config": dataclasses.asdict(config)})
     for how in (dict(unroll_layers=not config.model.unroll_layers), dict(remat=False),
-                dict(attention="xla")):
+                dict(attention="xla"), dict(compute_dtype="bfloat16")):
         changed = dataclasses.replace(config, model=dataclasses.replace(config.model, **how))
-        checkpoints.check_rundir(changed, tmp_path)  # accepted
+        assert checkpoints.check_rundir(changed, tmp_path)  # accepted, and logged as a change
+    # float16 alone keeps a loss scale in the optimizer state: not to or from it
+    changed = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                    compute_dtype="float16"))
+    with pytest.raises(train.UserError, match="compute_dtype='float32', and 'float16' cannot"):
+        checkpoints.check_rundir(changed, tmp_path)
     for what in (dict(n_layer=3), dict(attn_dropout=0.1)):
         changed = dataclasses.replace(config, model=dataclasses.replace(config.model, **what))
         with pytest.raises(train.UserError, match=f"model.{next(iter(what))} differ"):
