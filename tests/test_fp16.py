@@ -5,6 +5,7 @@ XLA:CPU computes float16 arrays as float16 between its fusions: a gradient below
 smallest subnormal (6e-8) is flushed to zero there as on a GPU.
 """
 
+import ast
 import dataclasses
 import json
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ import sharding
 import train
 from cli import UserError
 from config import TrainConfig
+from conftest import fake_devices
 from model import GPT, GPTConfig, pick_compute_dtype
 from test_bad_input import one_line_error
 from test_train import REPO, params_of, run, scalars, tiny_config
@@ -293,3 +295,65 @@ def test_a_resume_may_trade_float32_for_bfloat16_but_not_change_what_float16_car
         train.train(in_dtype(tiny_config(data_dir, max_steps=6, eval_interval=2), "float16"),
                     rundir)
     assert {p: p.read_bytes() for p in rundir.rglob("*") if p.is_file()} == kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded: the overflow check and the scale are global, over every shard of the gradients
+
+SHARDED_FLOAT16 = """
+import dataclasses, sys, numpy as np, jax
+sys.path.insert(0, {repo!r})
+import sharding, train
+from config import TrainConfig
+from model import GPTConfig
+assert len(jax.devices()) == 4
+config = TrainConfig(model=GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4,
+                                     n_embd=64, compute_dtype="float16"),
+                     batch_size=8, optimizer="adamw", warmup_steps=0, max_steps=10,
+                     fsdp_min_size=0, loss_scale_growth_interval=1000)
+tokens = np.random.default_rng(0).integers(0, 64, (6, 1, 8, 17), dtype=np.int32)
+
+def run(config, steps):
+    mesh = sharding.make_mesh(config)
+    abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
+    params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
+    initial = [np.array(a) for a in jax.tree.leaves(params)]  # the step donates its inputs
+    step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
+    rows, seen = sharding.batch_sharding(mesh), []
+    for i in range(steps):
+        x, y = (jax.device_put(a, rows) for a in (tokens[i, :, :, :-1], tokens[i, :, :, 1:]))
+        params, opt_state, m = step(params, opt_state, x, y, np.int32(i), np.zeros(2, np.uint32))
+        seen.append((float(m["loss_scale"]), bool(m["skipped"]), float(m["loss"])))
+    sharded = sum(not a.sharding.is_fully_replicated for a in jax.tree.leaves(params))
+    moved = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(params), initial))
+    return [np.asarray(a) for a in jax.tree.leaves(params)], seen, sharded, moved
+
+result = {{}}
+# 2**24: 8x the scale at which these gradients overflow float16 (2**21, at times 2**20): every
+# step is skipped. 2**10: none is
+for scale, steps in ((2.0**24, 2), (2.0**10, 6)):
+    one = run(dataclasses.replace(config, fsdp=1, loss_scale_init=scale), steps)
+    four = run(dataclasses.replace(config, loss_scale_init=scale), steps)
+    result[scale] = dict(seen=[one[1], four[1]], sharded=[one[2], four[2]], moved=[one[3], four[3]],
+                         diff=max(float(np.abs(a - b).max()) for a, b in zip(one[0], four[0])))
+print("RESULT", repr(result))
+"""
+
+
+@pytest.mark.slow
+def test_float16_over_4_fsdp_shards_skips_and_scales_as_one_device():
+    result = run(["-c", SHARDED_FLOAT16.format(repo=str(REPO))], env=fake_devices(4), check=True)
+    result = ast.literal_eval(result.stdout.split("RESULT")[1].strip())
+    overflowing, finite = result[2.0**24], result[2.0**10]
+    for case in (overflowing, finite):
+        assert case["sharded"][0] == 0 and case["sharded"][1] > 0, case  # fsdp=4 shards the weights
+    # an overflow anywhere skips the step on every shard: nothing moves, the scale halves
+    for seen in overflowing["seen"]:
+        assert [(scale, skipped) for scale, skipped, _ in seen] == [(2.0**23, True), (2.0**22, True)]
+    assert overflowing["moved"] == [0, 0] and overflowing["diff"] == 0
+    # finite steps: none skipped, and four shards train as one device (float16's products summed
+    # in another order: a few float16 ulps in the losses, 1e-3 in the weights after 6 steps)
+    one, four = finite["seen"]
+    assert not any(skipped for _, skipped, _ in one + four), finite
+    np.testing.assert_allclose([loss for *_, loss in four], [loss for *_, loss in one], rtol=1e-4)
+    assert min(finite["moved"]) > 1e-3 and finite["diff"] < 1e-2, finite
