@@ -332,6 +332,24 @@ class Damaged(Exception):
     cannot read although its layout is this run's, a run_state without its fields."""
 
 
+def drop_reports_of_reads_left_in_flight() -> None:
+    """A restore that fails on one array ends orbax's asyncio loop while tensorstore still reads
+    others; each such read, when it lands, reports from C++ that its loop is closed: a traceback
+    on stderr for every one (~100 for a failed restore of 40 arrays). The failure was raised
+    already, so those reports are dropped; any other unraisable exception still reaches the hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loops", False):
+        return
+
+    def hook(unraisable):
+        if not (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loops = True
+    sys.unraisablehook = hook
+
+
 def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
     """(params, opt_state or None, run_state) at step, each array placed on its own shard.
     run_state: {"sampler": the batch sampler's state, "key": the dropout key's data (uint32)}.
@@ -344,6 +362,7 @@ def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many kinds: a healthy checkpoint of another layout, or
         # a damaged one. Only the second is set aside, so tell them apart by the saved layout.
+        drop_reports_of_reads_left_in_flight()
         abstract = {"params": abstract_params, "opt_state": abstract_opt}
         for item, what in (("opt_state", "optimizer state"), ("params", "parameters")):
             if abstract[item] is not None:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import equinox as eqx
@@ -549,6 +550,31 @@ def test_a_checkpoint_of_another_optimizer_is_named_and_kept_a_damaged_one_calle
             path.write_bytes(b"\0garbage" * 4)
     with pytest.raises(checkpoints.Damaged):
         checkpoints.restore_checkpoint(reader, 1, abstract_params, jax.eval_shape(adam.init, params))
+
+
+def test_a_damaged_checkpoint_read_leaves_no_traceback_behind(tmp_path, monkeypatch):
+    # A failed read ends orbax's event loop while other arrays are still being read; as each one
+    # lands it reported "Event loop is closed" to sys.unraisablehook: a traceback on stderr each
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable))
+    params = {f"w{i}": jnp.ones((256, 256)) for i in range(40)}
+    adam = optax.adam(1e-3)
+    abstract = jax.eval_shape(lambda: params), jax.eval_shape(adam.init, params)
+    for attempt in range(3):
+        rundir = tmp_path / str(attempt)
+        manager = checkpoints.checkpoint_manager(rundir, keep_last=2)
+        checkpoints.save_checkpoint(manager, 1, params, adam.init(params), SAMPLER, [0, 0])
+        manager.wait_until_finished()
+        manager.close()
+        for path in (rundir / "checkpoints" / "1" / "opt_state").rglob("*"):
+            if path.is_file() and path.parent.name == "d":
+                path.write_bytes(b"\0garbage" * 4)
+        with pytest.raises(checkpoints.Damaged):
+            checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(rundir), 1, *abstract)
+    time.sleep(1)  # the reads left in flight land
+    assert not reported, [str(r.exc_value) for r in reported[:3]]
+    sys.unraisablehook(types.SimpleNamespace(object="x", exc_value=ValueError("other")))
+    assert len(reported) == 1  # any other report still reaches the hook
 
 
 def test_a_resume_may_change_how_the_model_is_computed_not_what(data_dir, tmp_path):
