@@ -23,6 +23,7 @@ import pytest
 import multihost
 from cli import UserError
 from conftest import fake_devices
+from test_train import LIGHT
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to compile and run in seconds; float32 so runs on different meshes agree closely.
@@ -36,10 +37,6 @@ RUN = ["--config=shakespeare_char_cpu", "--model.n_layer=2", "--model.n_embd=64"
 # differs, so the losses are not bitwise equal (from step 1: the loss's own mean), but they stay
 # within one float32 ulp (1.2e-7 relative) over these 6 steps, on every path measured.
 LOSS_TOLERANCE = 1e-6
-# For the tests of how a run stops, not of what it computes: AdamW without the lookup tables
-# compiles in about three quarters of the recipe's time, in every process (process 1 reads no
-# cached programs), and a two-process launch takes 7.4 s instead of 9.1 (BENCHMARKS.md).
-LIGHT = ["--optimizer=adamw", "--model.value_embeds=false", "--model.bigram_embed=false"]
 HEARTBEAT = 12  # seconds: a process silent for a quarter of it stops the run
 
 

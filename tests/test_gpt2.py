@@ -22,13 +22,17 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import checkpoints
+import export
 import gpt2
+import launch
 import optim
+import prepare_shakespeare
 from cli import UserError
 from conftest import SHARED
 from config import TrainConfig
 from decode import generate
 from model import GPT, GPT2_ARCHITECTURE, GPTConfig, empty_cache, extend, with_config
+from test_bad_input import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GPT2 = SHARED / "data" / "tiny-gpt2"
@@ -250,11 +254,6 @@ def test_fine_tune_from_gpt2_then_export_loads_back_bit_for_bit(tmp_path, shakes
 
 @pytest.mark.slow
 def test_init_from_errors_are_one_line(tmp_path, shakespeare_input, capsys):
-    import export
-    import launch
-    import prepare_shakespeare
-    from test_bad_input import one_line_error
-
     # A name, with no network and an empty cache: processes, as Hugging Face's hub reads its
     # offline switch when first imported
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

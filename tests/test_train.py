@@ -45,6 +45,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = ["--model.n_layer=2", "--model.n_embd=64", "--model.n_head=4",
                   "--model.block_size=32", "--batch_size=8", "--eval_iters=2", "--log_interval=1",
                   "--warmup_steps=2"]
+# For the tests of how a run stops or what it caches, not of what it computes: AdamW without the
+# lookup tables compiles in about three quarters of the recipe's time, in every process (process
+# 1 of two reads no cached programs: a two-process launch 7.4 s instead of 9.1, BENCHMARKS.md).
+LIGHT = ["--optimizer=adamw", "--model.value_embeds=false", "--model.bigram_embed=false"]
 
 
 @pytest.fixture(scope="module")
@@ -520,14 +524,25 @@ def test_bench_says_when_its_compile_was_a_read_from_the_compilation_cache(tmp_p
     assert re.search(r"^read from the compilation cache in [\d.]+s \|", second, re.M), second
 
 
+def save_step_1(rundir, params, opt_state) -> None:
+    manager = checkpoints.checkpoint_manager(rundir, keep_last=2)
+    checkpoints.save_checkpoint(manager, 1, params, opt_state, SAMPLER, [0, 0])
+    manager.wait_until_finished()
+    manager.close()
+
+
+def damage_the_optimizer_state_of_step_1(rundir) -> None:
+    """Its arrays' data overwritten, its layout still readable."""
+    for path in (rundir / "checkpoints" / "1" / "opt_state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(b"\0garbage" * 4)
+
+
 def test_a_checkpoint_of_another_optimizer_is_named_and_kept_a_damaged_one_called_damaged(tmp_path):
     params = {"w": jnp.ones(3)}
     abstract_params = jax.eval_shape(lambda: params)
     adam = optax.adam(1e-3)
-    manager = checkpoints.checkpoint_manager(tmp_path, keep_last=2)
-    checkpoints.save_checkpoint(manager, 1, params, adam.init(params), SAMPLER, [0, 0])
-    manager.wait_until_finished()
-    manager.close()
+    save_step_1(tmp_path, params, adam.init(params))
     reader = checkpoints.checkpoint_manager(tmp_path)
     checkpoints.restore_checkpoint(reader, 1, abstract_params, jax.eval_shape(adam.init, params))  # reads
     snapshot = files_in(tmp_path)
@@ -544,10 +559,7 @@ def test_a_checkpoint_of_another_optimizer_is_named_and_kept_a_damaged_one_calle
     assert "delete" not in message and "damaged" not in message, message
     assert files_in(tmp_path) == snapshot
 
-    # A damaged one: the optimizer state's array data overwritten, its layout still readable
-    for path in (tmp_path / "checkpoints" / "1" / "opt_state").rglob("*"):
-        if path.is_file() and path.parent.name == "d":
-            path.write_bytes(b"\0garbage" * 4)
+    damage_the_optimizer_state_of_step_1(tmp_path)
     with pytest.raises(checkpoints.Damaged):
         checkpoints.restore_checkpoint(reader, 1, abstract_params, jax.eval_shape(adam.init, params))
 
@@ -562,13 +574,8 @@ def test_a_damaged_checkpoint_read_leaves_no_traceback_behind(tmp_path, monkeypa
     abstract = jax.eval_shape(lambda: params), jax.eval_shape(adam.init, params)
     for attempt in range(3):
         rundir = tmp_path / str(attempt)
-        manager = checkpoints.checkpoint_manager(rundir, keep_last=2)
-        checkpoints.save_checkpoint(manager, 1, params, adam.init(params), SAMPLER, [0, 0])
-        manager.wait_until_finished()
-        manager.close()
-        for path in (rundir / "checkpoints" / "1" / "opt_state").rglob("*"):
-            if path.is_file() and path.parent.name == "d":
-                path.write_bytes(b"\0garbage" * 4)
+        save_step_1(rundir, params, adam.init(params))
+        damage_the_optimizer_state_of_step_1(rundir)
         with pytest.raises(checkpoints.Damaged):
             checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(rundir), 1, *abstract)
     time.sleep(1)  # the reads left in flight land
