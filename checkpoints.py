@@ -336,7 +336,8 @@ def drop_reports_of_reads_left_in_flight() -> None:
     """A restore that fails on one array ends orbax's asyncio loop while tensorstore still reads
     others; each such read, when it lands, reports from C++ that its loop is closed: a traceback
     on stderr for every one (~100 for a failed restore of 40 arrays). The failure was raised
-    already, so those reports are dropped; any other unraisable exception still reaches the hook."""
+    already, so those reports are dropped; any other unraisable exception still reaches the hook.
+    Installed before the read: the first reads may land before the failure reaches Python."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loops", False):
         return
@@ -358,11 +359,11 @@ def restore_checkpoint(manager, step, abstract_params, abstract_opt=None):
              "run_state": ocp.args.JsonRestore()}
     if abstract_opt is not None:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt)
+    drop_reports_of_reads_left_in_flight()
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many kinds: a healthy checkpoint of another layout, or
         # a damaged one. Only the second is set aside, so tell them apart by the saved layout.
-        drop_reports_of_reads_left_in_flight()
         abstract = {"params": abstract_params, "opt_state": abstract_opt}
         for item, what in (("opt_state", "optimizer state"), ("params", "parameters")):
             if abstract[item] is not None:
