@@ -54,6 +54,11 @@ class TrainConfig:
     # GPT-2 124M does not rerun bit for bit on a GPU without it (BENCHMARKS.md, "Determinism")
     deterministic: bool = False  # XLA's deterministic GPU kernels: exact reruns, ~10% slower
     profile_steps: int = 5  # steps traced by --debug
+    # multi-token prediction (model.multi_token_loss): the logits also score the targets 2..1+k
+    # tokens ahead, the i-th further one weighted 0.5**i, each weight falling linearly to 0 (the
+    # furthest first) by multi_token_until of the schedule's length (lr_decay_steps or max_steps)
+    multi_token: int = 0  # k: targets ahead besides the next one; 0 is off
+    multi_token_until: float = 2 / 3
     target_val_loss: float = 0.0  # stop at the first evaluation with val loss <= this; 0: off
 
     def __post_init__(self):
@@ -62,7 +67,7 @@ class TrainConfig:
                     "lr_decay_steps": 0, "data_parallel": 1, "fsdp_min_size": 0,
                     "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
                     "keep_checkpoints": 1, "seed": 0, "profile_steps": 1, "muon_ns_steps": 1,
-                    "loss_scale_growth_interval": 1}
+                    "loss_scale_growth_interval": 1, "multi_token": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= {low}")
@@ -92,6 +97,12 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use {' or '.join(map(repr, allowed))}")
+        if not 0 < self.multi_token_until <= 1:
+            raise ValueError(f"multi_token_until={self.multi_token_until}: must be in (0, 1], "
+                             "a fraction of the schedule's length")
+        if self.multi_token >= self.model.block_size:
+            raise ValueError(f"multi_token={self.multi_token}: must be below model.block_size="
+                             f"{self.model.block_size}, the targets a window has")
         if self.fsdp != -1 and self.fsdp < 1:
             raise ValueError(f"fsdp={self.fsdp}: must be >= 1, or -1 for all devices left")
 

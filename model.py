@@ -424,32 +424,40 @@ def scatter_rows_by_id(ids: Int[Array, "*shape"], rows: Float[Array, "*shape d"]
 
 
 @jax.custom_vjp
-def cross_entropy(logits: Float[Array, "*shape vocab"], targets: Int[Array, "*shape"]):
-    """-log softmax(logits)[target] per token, in float32, from logits in the compute dtype.
+def cross_entropies(logits: Float[Array, "*shape vocab"], targets: Int[Array, "*shape k"]):
+    """-log softmax(logits)[target] for each of k targets a position, in float32, from logits in
+    the compute dtype: one softmax scores them all (multi_token_loss; k=1 is cross_entropy).
 
     The float32 upcast happens inside the fused reductions (forward) and the one elementwise pass
     of the backward, softmax - one_hot, which writes its gradient in the logits' dtype: no float32
     copy of the (tokens, vocab) logits is ever stored, and the head's matmuls run in bf16
     (BENCHMARKS.md, "The training step, GPT-2 124M").
     """
-    return _cross_entropy_fwd(logits, targets)[0]
+    return _cross_entropies_fwd(logits, targets)[0]
 
 
-def _cross_entropy_fwd(logits, targets):
+def _cross_entropies_fwd(logits, targets):
     logits32 = logits.astype(jnp.float32)
     log_normalizer = jax.nn.logsumexp(logits32, axis=-1)
-    target_logits = jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0]
-    return log_normalizer - target_logits, (logits, targets, log_normalizer)
+    target_logits = jnp.take_along_axis(logits32, targets, axis=-1)
+    return log_normalizer[..., None] - target_logits, (logits, targets, log_normalizer)
 
 
-def _cross_entropy_bwd(residuals, grad):
+def _cross_entropies_bwd(residuals, grad):
     logits, targets, log_normalizer = residuals
     probs = jnp.exp(logits.astype(jnp.float32) - log_normalizer[..., None])
-    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
-    return ((probs - one_hot) * grad[..., None]).astype(logits.dtype), None
+    one_hots = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)  # (*shape, k, vocab)
+    # each target's (softmax - one_hot), weighted by its loss's gradient: a sum of one when k=1
+    per_target = (probs[..., None, :] - one_hots) * grad[..., None]
+    return jnp.sum(per_target, axis=-2).astype(logits.dtype), None
 
 
-cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+cross_entropies.defvjp(_cross_entropies_fwd, _cross_entropies_bwd)
+
+
+def cross_entropy(logits: Float[Array, "*shape vocab"], targets: Int[Array, "*shape"]):
+    """-log softmax(logits)[target] per token, in float32 (cross_entropies of one target)."""
+    return cross_entropies(logits, targets[..., None])[..., 0]
 
 
 def cast_floats(tree, dtype):
@@ -627,6 +635,31 @@ def loss_fn(
     """Training's loss: the mean next-token cross entropy over a batch's counted targets."""
     losses, counted = token_losses(model, tokens, targets, key=key)
     return jnp.sum(losses) / jnp.maximum(jnp.sum(counted), 1)
+
+
+def multi_token_loss(
+    model: GPT,
+    tokens: Int[Array, "batch seq"],
+    targets: Int[Array, "batch seq"],
+    ahead_weights: Float[Array, " k"],
+    *,
+    key: PRNGKeyArray | None = None,
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """(training's objective, the next-token loss) with multi-token prediction (Gloeckle et al.
+    2024; the speedrun's record 53): the logits at each position also score the targets 2, 3, ...
+    tokens ahead from the same softmax, the i-th further one weighted by ahead_weights[i], so the
+    step does no product more. Each loss is a mean over the counted next-token targets; a target
+    past the window's end, or negative, is not counted."""
+    hidden, _ = forward(model, tokens, key=key)
+    logits = model.logits(hidden)
+    seq, ahead = targets.shape[1], ahead_weights.shape[0]
+    later = jnp.pad(targets, ((0, 0), (0, ahead)), constant_values=-1)
+    stacked = jnp.stack([later[:, i:i + seq] for i in range(ahead + 1)], axis=-1)  # (b, s, 1+k)
+    counted = stacked >= 0
+    losses = jnp.where(counted, cross_entropies(logits, jnp.where(counted, stacked, 0)), 0.0)
+    num_counted = jnp.maximum(jnp.sum(counted[..., 0]), 1)
+    next_token = jnp.sum(losses[..., 0]) / num_counted
+    return next_token + jnp.sum(losses[..., 1:] * ahead_weights) / num_counted, next_token
 
 
 def extend(

@@ -33,7 +33,7 @@ import gpt2
 import memory
 from cli import UserError, bar_width
 from config import TrainConfig, with_data_vocab
-from model import GPT, flops_per_token, loss_fn, num_params, with_picked_dtype
+from model import GPT, flops_per_token, loss_fn, multi_token_loss, num_params, with_picked_dtype
 from optim import loss_scale, loss_scale_metrics, lr_schedule, make_optimizer
 from sharding import abstract_model, batch_sharding, make_mesh, shardings_of, with_shardings
 
@@ -96,12 +96,23 @@ def run_once(fn, out_shardings, *args):
 # ---------------------------------------------------------------------------------------------
 # The step
 
+def multi_token_schedule(config: TrainConfig):
+    """step -> the weights of the targets 2..1+multi_token tokens ahead (model.multi_token_loss):
+    0.5**i for the i-th further one, each falling linearly to 0, the furthest first, by
+    multi_token_until of the schedule's length, as the speedrun's [1, 0.5, 0.25] -> [1, 0.5] ->
+    [1] by two thirds of its run."""
+    ahead = jnp.arange(1, config.multi_token + 1)
+    length = config.multi_token_until * (config.lr_decay_steps or config.max_steps)
+    ends = length * (config.multi_token - ahead + 1) / max(config.multi_token, 1)
+    return lambda step: 0.5**ahead * jnp.clip(1 - step / ends, 0, 1)
+
+
 def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_opt, static):
     """train_step(params, opt_state, tokens, targets, step, key_data) -> (params, opt_state,
     metrics): the model's arrays in and out, its static half (static) closed over. jax.jit on
     arrays alone: eqx.filter_jit sorts every argument's leaves on each call, ~1 ms of host time
     a call, and the CPU step ran 4.5 ms faster without it (BENCHMARKS.md round 6)."""
-    schedule = lr_schedule(config)
+    schedule, ahead_weights = lr_schedule(config), multi_token_schedule(config)
     param_shardings, opt_shardings = shardings_of(abstract_params), shardings_of(abstract_opt)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -111,15 +122,18 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
         key = jr.fold_in(jr.wrap_key_data(key_data), step)  # dropout: a function of (seed, step)
         scale = loss_scale(opt_state)  # None but under float16 compute
 
+        def objective(model, x, y, micro_key):  # (what the gradients follow, the loss logged)
+            if config.multi_token:
+                return multi_token_loss(model, x, y, ahead_weights(step), key=micro_key)
+            loss = loss_fn(model, x, y, key=micro_key)
+            return loss, loss
+
         def loss_and_grads(x, y, micro_key):
-            if scale is None:
-                return eqx.filter_value_and_grad(loss_fn)(model, x, y, key=micro_key)
+            def scaled(model):  # float16: gradients scaled up past its smallest numbers
+                value, loss = objective(model, x, y, micro_key)
+                return (value if scale is None else value * scale), loss
 
-            def scaled_loss(model):  # float16: gradients scaled up past its smallest numbers
-                loss = loss_fn(model, x, y, key=micro_key)
-                return loss * scale, loss
-
-            (_, loss), grads = eqx.filter_value_and_grad(scaled_loss, has_aux=True)(model)
+            (_, loss), grads = eqx.filter_value_and_grad(scaled, has_aux=True)(model)
             return loss, grads
 
         def accumulate(grad_sum, micro_batch):

@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from model import (GPT, GPTConfig, apply_rope, cross_entropy, dropout, embed, empty_cache, extend,
-                   flops_per_token, loss_fn, num_params, rope_table, scatter_rows_by_id,
-                   sum_rows_by_id)
+from model import (GPT, GPTConfig, apply_rope, cross_entropies, cross_entropy, dropout, embed,
+                   empty_cache, extend, flops_per_token, loss_fn, multi_token_loss, num_params,
+                   rope_table, scatter_rows_by_id, sum_rows_by_id)
 
 # Small shapes keep the suite fast on 2 CPU cores; float32 compute for exact comparisons.
 TINY = GPTConfig(
@@ -381,6 +381,53 @@ def test_fused_cross_entropy_matches_optax(dtype):
     # bf16 keeps 8 mantissa bits: the gradient differs by its rounding, ~0.4% of its size.
     tolerance = 1e-7 if dtype == "float32" else 4e-3 * float(jnp.abs(expected).max())
     np.testing.assert_allclose(grad.astype(jnp.float32), expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cross_entropies_of_several_targets_match_optax_target_by_target(dtype):
+    # One softmax scores three targets a position (multi-token prediction): each loss is optax's,
+    # and the gradient of their weighted sum the weighted sum of optax's gradients.
+    logits = (4 * jr.normal(jr.key(0), (3, 7, 50))).astype(dtype)
+    targets = skewed_tokens(jr.key(1), (3, 7, 3), 50)
+    weights = jnp.array([1.0, 0.5, 0.25])
+    reference = lambda x: jnp.stack([optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+        x.astype(jnp.float32), targets[..., i]) for i in range(3)], axis=-1)
+    ours = lambda x: cross_entropies(x, targets)  # noqa: E731
+    np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(ours(x) * weights))(logits)
+    expected = jax.grad(lambda x: jnp.sum(reference(x) * weights))(logits)
+    assert grad.dtype == logits.dtype
+    # bf16: both gradients leave rounded to 8 mantissa bits, so up to one ulp apart (2**-7 at the
+    # largest's binade)
+    largest = float(jnp.abs(expected.astype(jnp.float32)).max())
+    tolerance = 1e-6 if dtype == "float32" else 2**-7 * 2 ** math.floor(math.log2(largest)) * 1.01
+    np.testing.assert_allclose(grad.astype(jnp.float32), expected.astype(jnp.float32),
+                               atol=tolerance, rtol=0)
+
+
+def test_multi_token_loss_scores_the_targets_ahead_from_the_same_logits():
+    model = GPT(TINY, key=jr.key(0))
+    tokens = random_tokens(jr.key(1), (2, 9))
+    targets = random_tokens(jr.key(2), (2, 9)).at[0, 4].set(-1)  # a target no loss counts
+    weights = jnp.array([0.5, 0.25])
+    objective, next_token = eqx.filter_jit(multi_token_loss)(model, tokens, targets, weights)
+    # By hand: position t scores targets t, t+1 and t+2 (weights 1, 0.5, 0.25) where the window
+    # has them and they count, over the number of counted next-token targets.
+    log_probs = np.stack([np.asarray(jax.nn.log_softmax(forward(model, row))) for row in tokens])
+    total = 0.0
+    for b, t in np.ndindex(targets.shape):
+        for i, weight in enumerate([1.0, 0.5, 0.25]):
+            if t + i < targets.shape[1] and targets[b, t + i] >= 0:
+                total -= weight * log_probs[b, t, targets[b, t + i]]
+    num_counted = int(jnp.sum(targets >= 0))
+    np.testing.assert_allclose(objective, total / num_counted, rtol=1e-5)
+    np.testing.assert_allclose(next_token, value_and_grad(model, tokens, targets)[0], rtol=1e-6)
+    # With no weight ahead it is training's next-token loss, gradient and all.
+    zero = jnp.zeros(2)
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: multi_token_loss(m, tokens, targets, zero)[0]))(model)
+    expected = value_and_grad(model, tokens, targets)[1]
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_attention_dropout_changes_the_forward_only_when_a_key_is_given():

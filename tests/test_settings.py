@@ -121,6 +121,9 @@ CHANGES = {
     "init_from": Change("gpt2", ("state.params",), {"model": "gpt2"}),  # a checkpoint's shapes
     "profile_steps": Change(1, ("debug_run.log",)),
     "target_val_loss": Change(100.0, ("run.log", "run.checkpoints")),
+    # the gradients follow other targets too: the steps after the first log another loss
+    "multi_token": Change(2, ("run.log",)),
+    "multi_token_until": Change(0.25, ("run.log",), {"multi_token": 2}),
     "model.block_size": Change(12, ("batches.train", "batches.eval")),
     "model.vocab_size": Change(96, ("shapes",)),
     "model.n_layer": Change(2, ("shapes",)),

@@ -145,6 +145,18 @@ def test_learning_rate_schedule_at_chosen_steps(lr_decay_steps):
                                    err_msg=f"step {step}")
 
 
+@pytest.mark.parametrize("lr_decay_steps", [150, 0])  # 0: the schedule's length is max_steps
+def test_multi_token_weights_halve_with_distance_and_fade_the_furthest_first(lr_decay_steps):
+    config = TrainConfig(multi_token=2, multi_token_until=2 / 3, max_steps=300,
+                         lr_decay_steps=lr_decay_steps)
+    length = 2 / 3 * (lr_decay_steps or 300)  # both weights reach 0 by here, the second at half
+    weights = train.multi_token_schedule(config)
+    expected = {0: [0.5, 0.25], length / 4: [0.375, 0.125], length / 2: [0.25, 0.0],
+                length: [0.0, 0.0], 300: [0.0, 0.0]}
+    for step, ahead in expected.items():
+        np.testing.assert_allclose(weights(step), ahead, atol=1e-7, err_msg=f"step {step}")
+
+
 def test_dropout_masks_change_with_the_step_and_repeat_on_a_rerun(data_dir):
     config = tiny_config(data_dir)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.3))
@@ -618,7 +630,8 @@ def test_deterministic_switch_sets_xla_flag_before_the_backend_starts(tmp_path):
 BAD_VALUES = [("--learning_rate=-1", "learning_rate"), ("--model.dropout=1.5", "dropout"),
               ("--model.n_layer=0", "n_layer"), ("--beta2=1.0", "beta2"),
               ("--min_lr=0.5", "min_lr"),
-              ("--eval_iters=0", "eval_iters")]
+              ("--eval_iters=0", "eval_iters"), ("--multi_token=-1", "multi_token"),
+              ("--multi_token=64", "multi_token"), ("--multi_token_until=0", "multi_token_until")]
 
 
 @pytest.mark.parametrize("bad, field", BAD_VALUES)
