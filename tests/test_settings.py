@@ -7,10 +7,10 @@ observed here) or in OBSERVED_ELSEWHERE (why it cannot be observed here, and the
 
 test_changing_a_setting_changes_what_it_names sets one field of BASE to its CHANGES value and
 compares what the field claims to change against BASE: the optimizer's updates (or its loss
-scale) over six steps of fixed gradients, the learning-rate schedule, the model's shapes, its
-output (inference, or training's, with dropout) or its traced program, the batches and
-evaluation batches, the initial state, the FSDP placements, or a short training run's log and
-kept checkpoints. BASE is TrainConfig's defaults with a tiny model and run (so the file stays
+scale) over six steps of fixed gradients, the learning-rate schedule, the multi-token weights,
+the model's shapes, its output (inference, or training's, with dropout) or its traced program,
+the batches and evaluation batches, the initial state, the FSDP placements, or a short training
+run's log and kept checkpoints. BASE is TrainConfig's defaults with a tiny model and run (so the file stays
 fast); a context (say optimizer="muon" for Muon's settings) is applied to both sides.
 Observations are cached: each base is computed once.
 """
@@ -123,7 +123,7 @@ CHANGES = {
     "target_val_loss": Change(100.0, ("run.log", "run.checkpoints")),
     # the gradients follow other targets too: the steps after the first log another loss
     "multi_token": Change(2, ("run.log",)),
-    "multi_token_until": Change(0.25, ("run.log",), {"multi_token": 2}),
+    "multi_token_until": Change(0.25, ("ahead_weights",), {"multi_token": 2}),
     "model.block_size": Change(12, ("batches.train", "batches.eval")),
     "model.vocab_size": Change(96, ("shapes",)),
     "model.n_layer": Change(2, ("shapes",)),
@@ -266,6 +266,11 @@ def observe_lr(config: TrainConfig, where):
     return np.asarray(optim.lr_schedule(config)(jnp.arange(8)))
 
 
+def observe_ahead_weights(config: TrainConfig, where):
+    """The weights of the targets ahead (multi-token prediction) over the first 8 steps."""
+    return np.asarray(jax.vmap(train.multi_token_schedule(config))(jnp.arange(8)))
+
+
 def observe_shapes(config: TrainConfig, where):
     abstract = eqx.filter_eval_shape(GPT, config.model, key=jr.key(0))
     return [(jax.tree_util.keystr(path), a.shape) for path, a in
@@ -356,7 +361,8 @@ def observe_debug_run(config: TrainConfig, where):
 
 
 OBSERVERS: dict[str, Callable] = {
-    "optimizer": observe_optimizer, "lr": observe_lr, "shapes": observe_shapes,
+    "optimizer": observe_optimizer, "lr": observe_lr, "ahead_weights": observe_ahead_weights,
+    "shapes": observe_shapes,
     "logits": observe_logits, "training_logits": observe_training_logits,
     "program": observe_program,
     "batches": observe_batches, "state": observe_state, "placements": observe_placements,
