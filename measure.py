@@ -70,9 +70,7 @@ def peak_memory() -> str:
 def benchmark(config: TrainConfig, steps: int, warmup: int, tokens: np.ndarray,
               profile_dir: str | None = None) -> dict:
     mesh = make_mesh(config)
-    abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
-    params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
-    train_step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
+    params, opt_state, train_step = train.new_state_and_step(config, mesh)
 
     # The batches train.py would draw (seed 1337), made before timing: the host's sampling is
     # not the step's cost (the training loop prefetches it in a thread).

@@ -165,6 +165,15 @@ def make_train_step(config: TrainConfig, optimizer, abstract_params, abstract_op
     return train_step
 
 
+def new_state_and_step(config: TrainConfig, mesh):
+    """(params, opt_state, train_step) of a new run on mesh: the step and its first state without
+    train()'s loop, for stepping by hand (bench.py, the tests)."""
+    abstract_params, abstract_opt, static, optimizer = abstract_state(config, mesh)
+    params, opt_state = init_state(config, abstract_params, abstract_opt, optimizer)
+    return params, opt_state, make_train_step(config, optimizer, abstract_params, abstract_opt,
+                                              static)
+
+
 @contextlib.contextmanager
 def compiling_ahead(config: TrainConfig, train_step, abstract, mesh, manager=None):
     """A future of train_step compiled for the arguments the loop will give it (shapes, dtypes,

@@ -199,9 +199,7 @@ def time_variants(shape, variants, data_dir, tokens, steps, warmup):
 
 def params_after(config, tokens, steps):
     mesh = make_mesh(config)
-    abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
-    params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
-    train_step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
+    params, opt_state, train_step = train.new_state_and_step(config, mesh)
     sampler = data.BatchSampler(tokens, config.model.block_size, config.batch_size, 1,
                                       seed=1337)
     key_data = np.asarray([0, 7], np.uint32)

@@ -49,10 +49,7 @@ def in_dtype(config: TrainConfig, dtype: str, **changes) -> TrainConfig:
 def step_metrics(config: TrainConfig, data_dir: str) -> list[dict]:
     """Each step's metrics of config.max_steps train steps on the run's first batches (no loop,
     no checkpoints: the step alone)."""
-    mesh = sharding.make_mesh(config)
-    abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
-    params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
-    step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
+    params, opt_state, step = train.new_state_and_step(config, sharding.make_mesh(config))
     meta = data.load_meta(data_dir)
     batches = data.BatchSampler(data.open_split(data_dir, "train", meta), config.model.block_size,
                                 config.batch_size, config.grad_accum, config.seed)
@@ -146,12 +143,9 @@ def test_a_step_that_overflows_is_skipped_and_halves_the_scale_growth_doubles_it
 def test_the_train_step_skips_an_overflowing_step_and_leaves_the_weights_as_they_were(data_dir):
     # 2**100 times the loss: the backward pass overflows float16, and the step must not apply
     config = in_dtype(tiny_config(data_dir), "float16", loss_scale_init=2.0**100)
-    mesh = sharding.make_mesh(config)
-    abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
-    params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
+    params, opt_state, step = train.new_state_and_step(config, sharding.make_mesh(config))
     # copies: the step donates its inputs' buffers
     params_before, inner_before = jax.tree.map(np.array, (params, opt_state.guarded.inner_state))
-    step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
     tokens = np.random.default_rng(0).integers(0, 65, (1, 8, 33), dtype=np.int32)
     params, opt_state, metrics = step(params, opt_state, tokens[..., :-1], tokens[..., 1:],
                                       np.int32(5), np.zeros(2, np.uint32))
@@ -315,10 +309,8 @@ tokens = np.random.default_rng(0).integers(0, 64, (6, 1, 8, 17), dtype=np.int32)
 
 def run(config, steps):
     mesh = sharding.make_mesh(config)
-    abstract_params, abstract_opt, static, optimizer = train.abstract_state(config, mesh)
-    params, opt_state = train.init_state(config, abstract_params, abstract_opt, optimizer)
+    params, opt_state, step = train.new_state_and_step(config, mesh)
     initial = [np.array(a) for a in jax.tree.leaves(params)]  # the step donates its inputs
-    step = train.make_train_step(config, optimizer, abstract_params, abstract_opt, static)
     rows, seen = sharding.batch_sharding(mesh), []
     for i in range(steps):
         x, y = (jax.device_put(a, rows) for a in (tokens[i, :, :, :-1], tokens[i, :, :, 1:]))
