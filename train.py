@@ -101,7 +101,7 @@ def multi_token_schedule(config: TrainConfig):
     0.5**i for the i-th further one, each falling linearly to 0, the furthest first, by
     multi_token_until of the schedule's length, as the speedrun's [1, 0.5, 0.25] -> [1, 0.5] ->
     [1] by two thirds of its run."""
-    ahead = jnp.arange(1, config.multi_token + 1)
+    ahead = np.arange(1, config.multi_token + 1)  # host constants: no eager op at start-up
     length = config.multi_token_until * (config.lr_decay_steps or config.max_steps)
     ends = length * (config.multi_token - ahead + 1) / max(config.multi_token, 1)
     return lambda step: 0.5**ahead * jnp.clip(1 - step / ends, 0, 1)
