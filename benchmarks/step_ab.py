@@ -12,8 +12,8 @@ A variant is NAME=ITEMS: items that start with -- override the config (as launch
 others are compiler options (an XLA debug option's name=value). Prints each round's ms/step,
 then each variant's median, its median ratio to the config round by round, the rounds it was
 the faster in, and its loss after the last step (the same batches for all: a variant that only
-reorders arithmetic ends within rounding of the config). Batches come from the config's
-prepared data (train split).
+reorders arithmetic ends within rounding of the config). The batches are bench.py's (measure.py):
+the config's prepared data, else a Zipf stream, and the output says which.
 """
 
 import argparse
@@ -29,8 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import data  # noqa: E402
+import measure  # noqa: E402
 import train  # noqa: E402
-from config import TrainConfig, with_data_vocab  # noqa: E402
+from config import TrainConfig  # noqa: E402
 from sharding import make_mesh  # noqa: E402
 
 STEPS_PER_TURN = 20
@@ -65,10 +66,11 @@ def main(argv):
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args(argv)
 
-    base = cli.load_config(args.config, TrainConfig)
-    base = with_data_vocab(base, data.load_meta(base.data_dir))
-    sampler = data.BatchSampler(data.open_split(base.data_dir, "train", data.load_meta(base.data_dir)),
-                                base.model.block_size, base.batch_size, base.grad_accum, base.seed)
+    base = measure.with_vocab(cli.load_config(args.config, TrainConfig), None)
+    tokens, source = measure.token_stream(base, None)
+    print(f"tokens from {source}")
+    sampler = data.BatchSampler(tokens, base.model.block_size, base.batch_size, base.grad_accum,
+                                seed=1337)
     batches = [tuple(map(jax.numpy.asarray, sampler.batch(i))) for i in range(2 * STEPS_PER_TURN)]
     key_data = jr.key_data(jr.key(0))
 
